@@ -1,0 +1,367 @@
+"""The model class every VLA family builds on: an nnsight model with one uniform module tree.
+
+``VLA`` subclasses nnsight's own ``Remotable`` (the 0.8 class stack ``Loadable -> Meta -> Remotable``): the
+constructor builds the module on the meta device (``_load_meta``, no weights) unless asked to dispatch, and
+real weights arrive on the first run (``_load``). Every family exposes:
+
+* ``vla.layers[i].mlp.act`` (and ``vla.expert_layers[i].mlp.act`` for pi0's action expert): the MLP
+  post-activation ``act_fn(gate(x)) * up(x)``, i.e. the input of ``down_proj`` (TransformerLens ``hook_post``);
+* ``vla.lm_head``, ``vla.num_layers``, ``vla.d_mlp``, ``vla.d_model``, ``vla.action_token_ids``;
+* ``vla.predict_action(images, instruction, state=None, ...)``, traceable: ``with vla.predict_action(...) as
+  tracer: for _ in tracer.iter[:]: ...`` reaches every forward pass that produces the action.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+import torch
+from nnsight.intervention.envoy import traceable
+from nnsight.modeling.mixins.remotable import Remotable
+from torch import nn
+
+from ..errors import IndexOutOfRangeError, InputError
+from .tree import Stack, check_activation_shapes, check_weight_shapes, install_uniform_tree, stack_shapes
+
+# Persistent ids of the per-model objects a remote request references instead of serialising.
+PERSISTENT = {"tokenizer": "Tokenizer", "image_processor": "ImageProcessor", "action_tokenizer": "ActionTokenizer"}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bfloat16"`` / ``torch.bfloat16`` / None -> a torch dtype (or None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise InputError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'float16'")
+    return value
+
+
+class VLA(Remotable):
+    """Base class of the traced VLA families. Use :func:`nnsight_vla.load` or :func:`nnsight_vla.tiny`.
+
+    Args:
+        source: a local checkpoint folder or a Hugging Face hub id (None for a tiny model).
+        revision: hub revision (branch, tag or commit).
+        dtype: weight dtype (default: the checkpoint's own, float32 for tiny models).
+        device: where the weights go on dispatch (default "cpu").
+        tiny: ``{"seed": int, "config": {...}}`` builds a small random model of the exact architecture offline.
+        dispatch: load the weights now instead of on the first run.
+        check: run the uniform-tree scan after building (on by default).
+    """
+
+    family: ClassVar[str] = ""
+    #: the stacks of decoder layers carrying ``mlp.act`` (first one is the language backbone)
+    stacks: ClassVar[tuple[Stack, ...]] = ()
+    #: path of the unembedding inside the torch module
+    lm_head_path: ClassVar[str] = ""
+    #: cameras the model consumes, in order
+    camera_names: ClassVar[tuple[str, ...]] = ("primary",)
+
+    def __init__(
+        self,
+        source: Any = None,
+        *,
+        revision: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        tiny: Mapping | None = None,
+        dispatch: bool = False,
+        check: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self.checkpoint = None if source is None or isinstance(source, nn.Module) else str(source)
+        self.revision = revision
+        self.dtype_name = None if dtype is None else str(resolve_dtype(dtype)).removeprefix("torch.")
+        self.device_name = None if device is None else str(device)
+        self.tiny_spec = None if tiny is None else {"seed": int(tiny.get("seed", 0)), "config": dict(tiny.get("config", {}))}
+        for attr in PERSISTENT:
+            setattr(self, attr, None)
+        rename = {stack.path: stack.attr for stack in self.stacks}
+        rename[self.lm_head_path] = "lm_head"
+        kwargs.setdefault("rename", rename)
+        load_kwargs = {"revision": revision, "dtype": self.dtype_name, "device": self.device_name, "tiny": self.tiny_spec}
+        # a tiny model is built with real weights right away: it is small and its weights come from a seed
+        super().__init__(source, dispatch=dispatch or tiny is not None, **load_kwargs, **kwargs)
+        if check:
+            self.check_tree()
+
+    # -- building (families implement _build and _load_processors) -----------------------------------------------
+
+    def _build(self, source, *, revision, dtype, device, tiny, meta: bool) -> nn.Module:
+        """Build the torch module: on meta (structure only) or with real weights."""
+        raise NotImplementedError
+
+    def _load_processors(self, source, *, revision, tiny) -> None:
+        """Set ``self.tokenizer`` and the family's other preprocessing objects."""
+        raise NotImplementedError
+
+    def _finish(self, module: nn.Module) -> nn.Module:
+        install_uniform_tree(module, self.stacks)
+        module.eval()
+        return module
+
+    def _load_meta(self, source, revision=None, dtype=None, device=None, tiny=None, **_: Any) -> nn.Module:
+        self._load_processors(source, revision=revision, tiny=tiny)
+        return self._finish(self._build(source, revision=revision, dtype=dtype, device=device, tiny=tiny, meta=True))
+
+    def _load(self, source, revision=None, dtype=None, device=None, tiny=None, **_: Any) -> nn.Module:
+        if self.tokenizer is None:
+            self._load_processors(source, revision=revision, tiny=tiny)
+        return self._finish(self._build(source, revision=revision, dtype=dtype, device=device, tiny=tiny, meta=False))
+
+    def _wrap(self, module: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+        raise TypeError(f"build {type(self).__name__} with nnsight_vla.load(...) or nnsight_vla.tiny(...)")
+
+    # -- the uniform surface ----------------------------------------------------------------------------------------
+
+    def stack(self, name: str = "backbone") -> Stack:
+        """The :class:`Stack` called ``name`` ("backbone" or, for pi0, "expert")."""
+        for stack in self.stacks:
+            if name in (stack.name, stack.attr):
+                return stack
+        raise InputError(
+            f"{self.family} has no {name!r} stack; it has {', '.join(s.name for s in self.stacks)}"
+        )
+
+    def stack_dims(self, name: str = "backbone") -> tuple[int, int, int]:
+        """(num_layers, d_model, d_mlp) of a stack."""
+        return stack_shapes(self._module, self.stack(name))
+
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder layers of the language backbone."""
+        return self.stack_dims()[0]
+
+    @property
+    def d_model(self) -> int:
+        """Residual width of the language backbone."""
+        return self.stack_dims()[1]
+
+    @property
+    def d_mlp(self) -> int:
+        """MLP width (number of value vectors per layer) of the language backbone."""
+        return self.stack_dims()[2]
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the unembedding (including any padding rows)."""
+        return int(self._module.get_submodule(self.lm_head_path).weight.shape[0])
+
+    @property
+    def action_token_ids(self) -> np.ndarray:
+        """Vocabulary ids that encode actions (sorted). Raises for a family without action tokens."""
+        raise NotImplementedError
+
+    @property
+    def state_dim(self) -> int | None:
+        """Dimension of the robot state the model takes, or None when it takes none."""
+        return None
+
+    @property
+    def action_dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def action_horizon(self) -> int:
+        """Actions returned per call: 1 for single-step models, H for chunking models."""
+        return 1
+
+    def check_layer(self, layer: int, stack: str = "backbone") -> int:
+        """Validate a layer index (negative indices count from the end); return it non-negative."""
+        num_layers = self.stack_dims(stack)[0]
+        if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool):
+            raise InputError(f"layer index must be an int, got {layer!r}")
+        if not -num_layers <= layer < num_layers:
+            raise IndexOutOfRangeError(
+                f"layer {layer} is out of range for the {stack} stack of {self.family}, which has "
+                f"{num_layers} layers (valid: 0..{num_layers - 1}, or negative from the end)"
+            )
+        return int(layer) % num_layers
+
+    def value_vectors(self, layer: int, stack: str = "backbone") -> torch.Tensor:
+        """The (d_model, d_mlp) ``down_proj.weight`` of a layer: column i is value vector i."""
+        layer = self.check_layer(layer, stack)
+        layers = self._module.get_submodule(self.stack(stack).path)
+        return layers[layer].mlp.down_proj.weight
+
+    def unembedding(self) -> torch.Tensor:
+        """The (vocab, d_model) unembedding matrix (``lm_head.weight``)."""
+        return self._module.get_submodule(self.lm_head_path).weight
+
+    def input_embeddings(self) -> torch.Tensor:
+        """The (vocab, d_model) input token-embedding matrix of the language backbone."""
+        raise NotImplementedError
+
+    # -- inference ----------------------------------------------------------------------------------------------
+
+    @traceable
+    def predict_action(self, images: Any, instruction: str, state: Any = None, **kwargs: Any) -> np.ndarray:
+        """Predict the next action (or action chunk) from camera image(s), an instruction and optional state.
+
+        Traceable: ``with vla.predict_action(...) as tracer:`` runs it interleaved with the block, and
+        ``for _ in tracer.iter[:]:`` applies the body to every forward pass that produces the action. Called
+        directly, it just runs (with any stored edits). See the family class for the exact inputs and outputs.
+        """
+        return self._predict_action(images, instruction, state=state, **kwargs)
+
+    def _predict_action(self, images: Any, instruction: str, state: Any = None, **kwargs: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def images_by_camera(self, images: Any) -> list[Any]:
+        """Normalise ``images`` (one array, a sequence in camera order, or a {camera: array} mapping) to a list
+        in ``camera_names`` order, with an error naming the missing camera."""
+        names = self.camera_names
+        if isinstance(images, Mapping):
+            missing = [name for name in names if name not in images]
+            if missing:
+                raise InputError(
+                    f"{self.family} needs camera(s) {', '.join(names)}; missing {', '.join(missing)} "
+                    f"(got {', '.join(map(str, images)) or 'none'})"
+                )
+            return [images[name] for name in names]
+        if isinstance(images, (list, tuple)):
+            if len(images) != len(names):
+                raise InputError(
+                    f"{self.family} needs {len(names)} camera image(s) ({', '.join(names)}), got {len(images)}"
+                )
+            return list(images)
+        if len(names) != 1:
+            raise InputError(f"{self.family} needs {len(names)} camera images ({', '.join(names)}), got one")
+        return [images]
+
+    # -- checks ------------------------------------------------------------------------------------------------
+
+    def _scan_call(self) -> tuple[Any, tuple, dict]:
+        """(fn, args, kwargs) of one forward pass that reaches every stack, for :meth:`check_tree`."""
+        raise NotImplementedError
+
+    def check_tree(self) -> None:
+        """Prove the uniform tree: every renamed module exists with the expected shapes.
+
+        Weight shapes are checked directly; activation shapes by an nnsight ``scan`` (fake tensors, no compute)
+        of one forward pass that reads ``mlp.act``, ``mlp.down_proj`` and ``lm_head`` of every layer.
+        """
+        expected: dict[str, tuple] = {}
+        for stack in self.stacks:
+            check_weight_shapes(self._module, stack)
+            num_layers, d_model, d_mlp = self.stack_dims(stack.name)
+            for i in range(num_layers):
+                expected[f"{stack.attr}[{i}].mlp.act"] = (d_mlp,)
+                expected[f"{stack.attr}[{i}].mlp.down_proj"] = (d_model,)
+        expected["lm_head"] = (self.vocab_size,)
+        observed = self._scan_shapes()
+        check_activation_shapes(observed, expected)
+
+    def _scan_shapes(self) -> dict[str, tuple]:
+        fn, args, kwargs = self._scan_call()
+        observed: dict[str, tuple] = {}
+        envoys = [(f"{s.attr}[{i}]", layer) for s in self.stacks for i, layer in enumerate(getattr(self, s.attr))]
+        with self.scan(*args, fn=fn, **kwargs):
+            for where, layer in envoys:
+                observed[f"{where}.mlp.act"] = tuple(layer.mlp.act.output.shape)
+                observed[f"{where}.mlp.down_proj"] = tuple(layer.mlp.down_proj.output.shape)
+            observed["lm_head"] = tuple(self.lm_head.output.shape)
+        return observed
+
+    # -- TransformerLens --------------------------------------------------------------------------------------
+
+    def to_transformer_lens(self, stack: str = "backbone"):
+        """A TransformerLens ``TransformerBridge`` over the language backbone (offline), exposing
+        ``blocks.{l}.mlp.hook_post`` (= ``mlp.act`` output). Shares weights with this model."""
+        raise NotImplementedError
+
+    # -- remote ------------------------------------------------------------------------------------------------
+
+    def _remoteable_model_key(self) -> str:
+        data = {"source": self.checkpoint, "revision": self.revision, "dtype": self.dtype_name}
+        if self.tiny_spec is not None:
+            data["tiny"] = self.tiny_spec
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def _remoteable_from_model_key(cls, model_key: str, **kwargs: Any) -> "VLA":
+        data = {**json.loads(model_key), **kwargs}
+        return cls(data.pop("source", None), **data)
+
+    def _remoteable_persistent_objects(self) -> dict:
+        objects = super()._remoteable_persistent_objects()
+        for attr, pid in PERSISTENT.items():
+            if getattr(self, attr, None) is not None:
+                objects[pid] = getattr(self, attr)
+        return objects
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        for attr, pid in PERSISTENT.items():
+            value = getattr(self, attr, None)
+            if value is not None:
+                value._persistent_id = pid
+        return state
+
+    # -- misc --------------------------------------------------------------------------------------------------
+
+    @property
+    def model_key(self) -> str:
+        """This model's identity (family class + checkpoint), as sent to a remote server."""
+        return self.to_model_key()
+
+    def save_pretrained(self, folder) -> None:
+        """Save the model in its family's published checkpoint layout."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line: family, source, stacks and their dimensions."""
+        parts = [f"{self.family} ({self.checkpoint or 'tiny'})"]
+        for stack in self.stacks:
+            n, d, m = self.stack_dims(stack.name)
+            parts.append(f"{stack.attr}: {n} layers, d_model {d}, d_mlp {m}")
+        return "; ".join(parts)
+
+
+def as_uint8_image(image: Any, where: str = "image") -> np.ndarray:
+    """Validate one camera image: an HxWx3 uint8 array (or a PIL image). Returns the array."""
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        Image = None
+    if Image is not None and isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        raise InputError(f"{where} must be an HxWx3 uint8 numpy array or a PIL image, got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise InputError(f"{where} must have shape (H, W, 3) (RGB, channels last), got {image.shape}")
+    if image.dtype != np.uint8:
+        raise InputError(
+            f"{where} must be uint8 (0..255), got {image.dtype}; convert with (img * 255).round().astype(np.uint8) "
+            "if it is a float image in [0, 1]"
+        )
+    if image.shape[0] < 2 or image.shape[1] < 2:
+        raise InputError(f"{where} is too small: {image.shape}")
+    return image
+
+
+def as_state(state: Any, dim: int, family: str) -> np.ndarray:
+    """Validate a robot state vector of length ``dim``."""
+    if state is None:
+        raise InputError(f"{family} needs the robot state (a vector of {dim} numbers); got None")
+    array = np.asarray(state, dtype=np.float32).reshape(-1)
+    if array.shape[0] != dim:
+        raise InputError(f"{family} expects a state of dimension {dim}, got {array.shape[0]}")
+    if not np.all(np.isfinite(array)):
+        raise InputError(f"{family} state contains NaN or infinite values: {array}")
+    return array
+
+
+def check_instruction(instruction: Any) -> str:
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise InputError(f"instruction must be a non-empty string, got {instruction!r}")
+    return instruction
+
+
+def as_sequence(value: Any) -> Sequence:
+    return value if isinstance(value, (list, tuple)) else [value]
