@@ -561,7 +561,8 @@ class OpenVLA(VLA):
             self.folder = resolve_folder(source, revision, patterns=("*.json", "*.safetensors", "tokenizer*"))
             self.config = OpenVLAConfig.from_dict(read_json(self.folder, "config.json"))
             try:
-                self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
+                # config= keeps transformers from re-reading config.json (whose auto_map would ask about remote code)
+                self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder), config=self.config, trust_remote_code=False)
             except Exception as error:  # noqa: BLE001
                 raise CheckpointError(f"could not load the tokenizer from {self.folder}: {error}") from error
             image_config = (
@@ -586,6 +587,9 @@ class OpenVLA(VLA):
         if tiny is not None:
             torch.manual_seed(int(tiny.get("seed", 0)))
             model = OpenVLAForActionPrediction(self.config)
+            # the published layout has no class-token position for DINOv2: keep tiny models representable in it
+            with torch.no_grad():
+                model.vision_backbone.featurizer.embeddings.position_embeddings[:, 0].zero_()
             return model.to(dtype=resolve_dtype(dtype) or torch.float32, device=device or "cpu")
         with torch.device("meta"):
             model = OpenVLAForActionPrediction(self.config)
