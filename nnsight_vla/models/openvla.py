@@ -106,6 +106,7 @@ class OpenVLAConfig(PreTrainedConfig):
     image_sizes: list | None = None
     hf_llm_id: str | None = None
     vision_configs: list | None = None
+    timm_model_kwargs: list | None = None
 
     def featurizer_configs(self) -> list[PreTrainedConfig]:
         """transformers configs of the (one or two) featurizers, from ``vision_configs`` or the timm ids."""
@@ -119,7 +120,11 @@ class OpenVLAConfig(PreTrainedConfig):
                     f"supported: {', '.join(VISION_PRESETS)}"
                 )
             sizes = self.image_sizes or IMAGE_SIZES.get(self.vision_backbone_id, [224] * len(ids))
-            specs = [(VISION_PRESETS[i][0], {**VISION_PRESETS[i][1], "image_size": s}) for i, s in zip(ids, sizes)]
+            overrides = self.timm_model_kwargs or [{}] * len(ids)
+            specs = [
+                (VISION_PRESETS[i][0], {**VISION_PRESETS[i][1], **_from_timm_kwargs(VISION_PRESETS[i][0], o), "image_size": s})
+                for i, s, o in zip(ids, sizes, overrides)
+            ]
         configs = []
         for kind, kwargs in specs:
             cls = {"dinov2": Dinov2WithRegistersConfig, "siglip": SiglipVisionConfig}.get(kind)
@@ -136,6 +141,23 @@ class OpenVLAConfig(PreTrainedConfig):
     def token_vocab_size(self) -> int:
         """The tokenizer's vocabulary without Prismatic's padding rows (32000 for openvla-7b)."""
         return self.text_config.vocab_size - self.pad_to_multiple_of
+
+
+def _from_timm_kwargs(kind: str, kwargs: dict) -> dict:
+    """timm ``create_model`` overrides (as small reference checkpoints record them) -> transformers config fields."""
+    names = {"embed_dim": "hidden_size", "depth": "num_hidden_layers", "num_heads": "num_attention_heads",
+             "patch_size": "patch_size", "img_size": "image_size"}
+    unknown = set(kwargs) - set(names) - {"mlp_ratio"}
+    if unknown:
+        raise CheckpointError(f"unsupported timm_model_kwargs {sorted(unknown)}; supported: {sorted(names)} and mlp_ratio")
+    out = {names[k]: v for k, v in kwargs.items() if k in names}
+    hidden = kwargs.get("embed_dim")
+    if kind == "siglip" and (hidden is not None or "mlp_ratio" in kwargs):
+        hidden = hidden or VISION_PRESETS["vit_so400m_patch14_siglip_224"][1]["hidden_size"]
+        out["intermediate_size"] = int(hidden * kwargs.get("mlp_ratio", 3.7362))  # timm's so400m ratio
+    elif "mlp_ratio" in kwargs:
+        out["mlp_ratio"] = kwargs["mlp_ratio"]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -681,6 +703,12 @@ class OpenVLA(VLA):
     ) -> np.ndarray:
         """The greedily generated action token ids (one forward pass per token)."""
         input_ids, pixel_values = self.prepare(image, instruction)
+        return self.greedy_action_tokens(input_ids, pixel_values, n_tokens, restrict_to_action_tokens)
+
+    def greedy_action_tokens(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor, n_tokens: int = 7, restrict_to_action_tokens: bool = False
+    ) -> np.ndarray:
+        """Greedy decoding from prepared inputs: a multimodal prefill, then one cached forward per further token."""
         model = self._module
         param = next(model.parameters())
         input_ids, pixel_values = input_ids.to(param.device), pixel_values.to(param.device, param.dtype)
