@@ -1,0 +1,208 @@
+"""PaliGemma pieces shared by the pi0 and pi0-fast families.
+
+* :func:`build_paligemma_style_tokenizer`: a small tokenizer with the *layout* of PaliGemma's 257152-token
+  vocabulary (``<pad> <eos> <bos> <unk>`` first, language pieces, then ``<loc....>`` tokens, then the 128
+  ``<seg...>`` tokens as the last ids, ``<image>`` right after the vocabulary). The FAST id formula
+  ``id = V - 1 - 128 - t`` therefore lands on ``<loc>`` tokens exactly as it does on the real vocabulary.
+* :class:`PI0ImageProcessorPil`: transformers' ``PI0ImageProcessor`` (resize inside 224x224 keeping the aspect
+  ratio, rescale to [-1, 1], pad to 224x224) on transformers' PIL backend. The published class needs torchvision,
+  which does not install beside torch 2.13 here; this twin reads and writes the same ``image_processor`` dict.
+* :func:`resize_with_pad`: openpi's letterbox resize (what pi0-FAST was trained with).
+* :class:`TiedUnembedding`: an ``lm_head`` for a backbone whose output projection is its input embedding.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerFast
+from transformers.image_processing_backends import PilBackend
+from transformers.image_utils import PILImageResampling
+
+from .tokenizer import TINY_CORPUS
+
+#: PaliGemma's sentencepiece vocabulary: 256000 Gemma pieces + 1024 ``<loc>`` + 128 ``<seg>`` tokens.
+PALIGEMMA_VOCAB_SIZE = 257152
+PALIGEMMA_SEG_TOKENS = 128
+
+# Prompts the tiny tokenizers should split into few pieces (openpi's pi0 and pi0-FAST prompt formats).
+PALIGEMMA_TINY_CORPUS = [
+    *TINY_CORPUS,
+    "Task: pick up the black bowl, State: 128 127 0 255 64 191 3;\nAction: |",
+    "Task: put the bowl on the plate, State: 12 34 56 78 90 123 245;\nAction: |",
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 100 128 200 255",
+]
+
+
+def loc_token(index: int) -> str:
+    return f"<loc{index:04d}>"
+
+
+def seg_token(index: int) -> str:
+    return f"<seg{index:03d}>"
+
+
+def build_paligemma_style_tokenizer(
+    vocab_size: int = 1024,
+    n_loc: int = 256,
+    n_seg: int = PALIGEMMA_SEG_TOKENS,
+    corpus: Iterable[str] = PALIGEMMA_TINY_CORPUS,
+) -> PreTrainedTokenizerFast:
+    """A Gemma-style BPE of exactly ``vocab_size`` ids laid out like PaliGemma's vocabulary, plus ``<image>``.
+
+    Ids 0..3 are ``<pad> <eos> <bos> <unk>`` (Gemma's), then language pieces (BPE trained on ``corpus``, padded
+    with inert ``<unusedN>`` fillers), then ``n_loc`` ``<loc....>`` tokens, then ``n_seg`` ``<seg...>`` tokens
+    ending at id ``vocab_size - 1``; ``<image>`` is id ``vocab_size``. Encoding adds no special tokens (prompts
+    put ``<bos>`` in explicitly, as openpi and transformers' PI0 processor do).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    n_language = vocab_size - n_loc - n_seg
+    if n_language < 128:
+        raise ValueError(
+            f"vocab_size {vocab_size} leaves {n_language} language ids after {n_loc} <loc> and {n_seg} <seg> tokens; "
+            "use at least 128 more"
+        )
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    # Gemma keeps spaces as "▁" inside pieces and adds no dummy prefix
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
+    alphabet = sorted(set(string.ascii_letters + string.digits + string.punctuation + "\n▁"))
+    trainer = trainers.BpeTrainer(
+        vocab_size=n_language,
+        special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+        initial_alphabet=alphabet,
+        min_frequency=1,
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus), trainer=trainer)
+    filler = [f"<unused{i}>" for i in range(n_language - tok.get_vocab_size())]
+    if filler:
+        tok.add_tokens(filler)
+    tok.add_tokens([loc_token(i) for i in range(n_loc)] + [seg_token(i) for i in range(n_seg)])
+    tok.add_special_tokens(["<image>"])
+    if tok.get_vocab_size() != vocab_size + 1 or tok.token_to_id(seg_token(n_seg - 1)) != vocab_size - 1:
+        raise RuntimeError(f"tiny PaliGemma tokenizer layout is off: {tok.get_vocab_size()} ids")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+class PI0ImageProcessorPil(PilBackend):
+    """transformers' ``PI0ImageProcessor`` on the PIL backend (same attributes, same saved dict).
+
+    Resize so the image fits ``size`` (max height/width, aspect kept, bicubic), rescale to [0, 1], normalise
+    with mean = std = 0.5 (-> [-1, 1]), then pad bottom/right with 0 to ``pad_size``.
+    """
+
+    resample = PILImageResampling.BICUBIC
+    image_mean = [0.5, 0.5, 0.5]
+    image_std = [0.5, 0.5, 0.5]
+    size = {"max_height": 224, "max_width": 224}
+    default_to_square = False
+    do_resize = True
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = True
+    image_seq_length = 256
+    pad_size = {"height": 224, "width": 224}
+    do_pad = True
+
+    @classmethod
+    def from_config_dict(cls, data: dict) -> "PI0ImageProcessorPil":
+        """Build from a saved ``image_processor`` dict (``processor_config.json`` or ``preprocessor_config.json``)."""
+        keep = {k: v for k, v in data.items() if k not in ("image_processor_type", "processor_class", "backend")}
+        return cls(**keep)
+
+
+def resize_with_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Letterbox an HxWx3 uint8 image into ``height`` x ``width`` (aspect kept, bilinear, black bars centred).
+
+    The resize openpi applies to every camera before pi0 / pi0-FAST (``image_tools.resize_with_pad``).
+    """
+    from PIL import Image
+
+    cur_h, cur_w = image.shape[:2]
+    if (cur_h, cur_w) == (height, width):
+        return image
+    ratio = max(cur_w / width, cur_h / height)
+    new_h, new_w = max(1, int(cur_h / ratio)), max(1, int(cur_w / ratio))
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample=Image.BILINEAR))
+    out = np.zeros((height, width, 3), dtype=np.uint8)
+    top, left = max(0, (height - new_h) // 2), max(0, (width - new_w) // 2)
+    out[top:top + new_h, left:left + new_w] = resized
+    return out
+
+
+def repair_meta_device_context() -> None:
+    """Undo a process-wide side effect of transformers' ``from_pretrained`` on meta builds.
+
+    ``from_pretrained`` swaps ``torch.linspace`` for a CPU-defaulting wrapper while it builds on meta. If that is
+    the first time torch evaluates its (``lru_cache``-d) list of device-aware constructors, the list keeps the
+    wrapper and loses the real ``torch.linspace``: from then on ``torch.device("meta")`` (and nnsight's meta build)
+    no longer moves ``linspace`` tensors to meta, and pi0's timestep frequencies land on the CPU. Re-evaluate the
+    list when it lacks the real function (torch private API, hence the guard).
+    """
+    try:
+        from torch.utils import _device
+
+        if torch.linspace not in _device._device_constructors():
+            _device._device_constructors.cache_clear()
+    except (ImportError, AttributeError):  # pragma: no cover - a torch without this cache
+        pass
+
+
+def move_strays_to_meta(module: nn.Module) -> nn.Module:
+    """After a meta build: put any buffer that was created off the meta device on it (structure only)."""
+    for owner in module.modules():
+        for name, buf in list(owner._buffers.items()):
+            if buf is not None and not buf.is_meta:
+                owner._buffers[name] = torch.empty_like(buf, device="meta")
+    return module
+
+
+def realign_storage(module: nn.Module, alignment: int = 64) -> nn.Module:
+    """Give every CPU parameter/buffer whose data is not ``alignment``-byte aligned its own (aligned) copy.
+
+    ``from_pretrained`` can leave CPU tensors at arbitrary offsets of the safetensors file; torch's CPU kernels then
+    take another vectorisation path and round differently in the last bit, so a reloaded tiny checkpoint would not
+    reproduce its source exactly. Copies are made one tensor at a time; tied tensors stay tied.
+    """
+    copies: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % alignment:
+                key = id(tensor)
+                if key not in copies:
+                    copies[key] = tensor.data.clone()
+                tensor.data = copies[key]
+    return module
+
+
+class TiedUnembedding(nn.Module):
+    """``lm_head`` of a backbone whose unembedding is its (tied) input embedding: ``logits = h @ E.T``.
+
+    The embedding is referenced, not registered, so this module adds no parameters and no checkpoint keys.
+    ``weight`` is the embedding matrix itself (not scaled: Gemma multiplies by sqrt(d_model) on the *input*
+    side only; PaliGemma's tied ``lm_head`` is the raw matrix).
+    """
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self._embedding = [embedding]  # a list keeps nn.Module from registering it as a child
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._embedding[0].weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(hidden, self.weight.to(hidden.dtype))
+
+    def extra_repr(self) -> str:
+        vocab, dim = self.weight.shape
+        return f"in_features={dim}, out_features={vocab}, tied to the input embedding"

@@ -1,0 +1,443 @@
+"""pi0 (flow matching) on transformers' native ``PI0ForConditionalGeneration``.
+
+Structure (transformers 5): ``model.vlm`` is a ``PaliGemmaModel`` (SigLIP + Gemma, no LM head) and ``model.dit``
+the action expert (a smaller Gemma that attends to the backbone's KV cache). The uniform tree:
+
+* ``vla.layers[i].mlp.act``: the PaliGemma/Gemma backbone (``model.vlm.language_model.layers``),
+* ``vla.expert_layers[i].mlp.act``: the action expert (``model.dit.layers``),
+* ``vla.lm_head``: the backbone's unembedding, see below.
+
+**Forward structure of one ``predict_action``** (``num_steps`` = K, default ``config.num_inference_steps``):
+K calls of the root module, one per Euler step of the flow. Call 0 takes the images and the prompt: it runs the
+vision tower and the backbone over the prefix once (filling the KV cache), then the expert; calls 1..K-1 run the
+expert only, against the cached prefix. So ``tracer.iter[:K]`` walks the K denoising steps; the backbone is reached
+in step 0 only (``vla.stack_forwards("backbone") == [0]``) and the expert in every step. An edit on the backbone
+therefore always acts through the cached prefix on every step; inside a ``tracer.iter`` loop, touch the backbone
+only when ``step in vla.stack_forwards("backbone")`` (asking for backbone step 1 parks the loop: nnsight then cuts
+the block with a warning and the expert edits of later steps are never applied).
+
+**lm_head / unembedding.** pi0 makes actions through the expert and never decodes tokens, so it has no LM head.
+``vla.lm_head`` is PaliGemma's own (tied) unembedding: the backbone's input embedding matrix E, used as
+``logits = h @ E.T`` exactly as ``PaliGemmaForConditionalGeneration.lm_head`` (tied to ``embed_tokens``) does.
+No sqrt(d_model) factor: Gemma scales embeddings on the input side only. It is the projection the paper's logit
+lens needs for the backbone's value vectors; the expert (width ``stack_dims("expert")[1]``) has no projection
+onto the vocabulary. ``action_token_ids`` raises: pi0 has no action tokens.
+
+**Checkpoints**: transformers' PI0 format, i.e. ``PI0ForConditionalGeneration.save_pretrained`` (``config.json``,
+safetensors) + ``PI0Processor.save_pretrained`` (``processor_config.json`` with ``state_mean/std``,
+``actions_mean/std``, ``chunk_size``, ``max_state_dim`` and the nested ``image_processor`` dict; tokenizer files).
+Real weights load with transformers' own ``from_pretrained``. Without statistics, states are taken as already
+normalised and actions are returned normalised (``action_dim`` = ``max_action_dim``).
+
+**Noise**: deterministic in ``seed`` (a CPU ``torch.Generator``), or pass ``noise`` yourself, so steered and
+unsteered runs start from the same sample.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoTokenizer, PI0Config, PI0ForConditionalGeneration, PI0Processor
+
+from ..errors import CheckpointError, InputError, VLAError
+from .base import VLA, as_uint8_image, check_instruction, resolve_dtype
+from .checkpoints import read_json, resolve_folder, write_json_atomic
+from .paligemma import (
+    PI0ImageProcessorPil,
+    TiedUnembedding,
+    build_paligemma_style_tokenizer,
+    move_strays_to_meta,
+    realign_storage,
+    repair_meta_device_context,
+)
+from .registry import register
+from .tree import Stack
+
+PROCESSOR_CONFIG = "processor_config.json"
+
+# Dataset statistics of the tiny model (7-dim state and actions), so tiny checkpoints exercise un-normalisation.
+TINY_STATS = {
+    "state_mean": [0.1 * i for i in range(7)],
+    "state_std": [0.5 + 0.1 * i for i in range(7)],
+    "actions_mean": [0.01 * i - 0.03 for i in range(7)],
+    "actions_std": [0.05 + 0.01 * i for i in range(7)],
+}
+
+
+def tiny_config(overrides: dict | None = None) -> tuple[PI0Config, dict | None]:
+    """(config, dataset statistics) of a tiny pi0: the exact wiring at small widths.
+
+    ``overrides`` may set ``text`` (backbone Gemma fields), ``vision`` (SigLIP fields), ``expert`` (expert Gemma
+    fields), ``image_size``, ``chunk_size``, ``num_inference_steps``, ``max_state_dim``, ``max_action_dim``,
+    ``vocab`` (tokenizer size) and ``stats`` (a PI0Processor statistics dict, or None for none).
+    """
+    overrides = dict(overrides or {})
+    vocab = int(overrides.pop("vocab", 1024))
+    image_size = int(overrides.pop("image_size", 32))
+    text = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                num_key_value_heads=1, head_dim=16)
+    text.update(overrides.pop("text", {}))
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=8,
+                  vision_use_head=False)
+    vision.update(overrides.pop("vision", {}))
+    # the expert reads the backbone's KV cache layer by layer: same depth, kv heads and head_dim
+    expert = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                  num_hidden_layers=text["num_hidden_layers"], num_key_value_heads=text["num_key_value_heads"],
+                  head_dim=text["head_dim"])
+    expert.update(overrides.pop("expert", {}))
+    stats = overrides.pop("stats", TINY_STATS)
+    top = dict(chunk_size=5, num_inference_steps=3, max_state_dim=8, max_action_dim=8)
+    top.update({k: overrides.pop(k) for k in list(overrides) if k in top})
+    if overrides:
+        raise InputError(f"unknown tiny pi0 overrides: {sorted(overrides)}")
+    config = PI0Config(
+        vlm_config=dict(
+            model_type="paligemma",
+            text_config=dict(model_type="gemma", vocab_size=vocab, **text),
+            vision_config=dict(model_type="siglip_vision_model", image_size=image_size, **vision),
+            projection_dim=text["hidden_size"],
+            image_token_id=vocab,
+        ),
+        dit_config=dict(model_type="gemma", **expert),
+        **top,
+    )
+    return config, (dict(stats) if stats is not None else None)
+
+
+@register("pi0")
+class PI0(VLA):
+    """pi0 as an nnsight model: ``vla.layers`` (PaliGemma backbone) and ``vla.expert_layers`` (action expert).
+
+    ``predict_action(images, instruction, state, seed=0)`` returns the action chunk ``(horizon, action_dim)``;
+    ``for step in tracer.iter[:vla.forward_count()]`` reaches every denoising step (see the module docstring).
+
+    Extra load options: ``camera_names`` (default ``("base", "wrist")``): the cameras, in prompt order.
+    """
+
+    stacks = (
+        Stack("backbone", "layers", "model.vlm.language_model.layers"),
+        Stack("expert", "expert_layers", "model.dit.layers"),
+    )
+    lm_head_path = "unembed"
+    camera_names = ("base", "wrist")
+
+    def __init__(self, source: Any = None, *, camera_names: Any = None, **kwargs: Any) -> None:
+        if camera_names is not None:
+            names = (camera_names,) if isinstance(camera_names, str) else tuple(camera_names)
+            if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+                raise InputError(f"camera_names must be distinct non-empty strings, got {camera_names!r}")
+            self.camera_names = names
+        self.family_options = {"camera_names": None if camera_names is None else list(self.camera_names)}
+        super().__init__(source, **kwargs)
+
+    # -- loading -------------------------------------------------------------------------------------------
+
+    def _load_processors(self, source, *, revision, tiny) -> None:
+        if tiny is not None:
+            self.config, stats = tiny_config(tiny.get("config"))
+            vision = self.config.vlm_config.vision_config
+            self.tokenizer = build_paligemma_style_tokenizer(vocab_size=self.config.vlm_config.text_config.vocab_size)
+            size = vision.image_size
+            self.image_processor = PI0ImageProcessorPil(
+                size={"max_height": size, "max_width": size}, pad_size={"height": size, "width": size},
+                image_seq_length=(size // vision.patch_size) ** 2,
+            )
+        else:
+            patterns = ("*.json", "*.safetensors", "tokenizer*", "*.model")
+            self.folder = resolve_folder(source, revision, patterns=patterns)
+            model_type = read_json(self.folder, "config.json").get("model_type")
+            if model_type != "pi0":
+                raise CheckpointError(
+                    f"{self.folder} holds a {model_type!r} model; the pi0 family loads transformers' PI0 format "
+                    "(model_type 'pi0'; use family 'pi0-fast' for a PaliGemma checkpoint)"
+                )
+            try:
+                self.config = PI0Config.from_pretrained(str(self.folder))
+            except Exception as error:  # noqa: BLE001 - one actionable message for a broken config
+                raise CheckpointError(f"{self.folder} is not a transformers PI0 checkpoint: {error}") from error
+            processor = read_json(self.folder, PROCESSOR_CONFIG) if (self.folder / PROCESSOR_CONFIG).is_file() else {}
+            image = processor.get("image_processor")
+            if image is None and (self.folder / "preprocessor_config.json").is_file():
+                image = read_json(self.folder, "preprocessor_config.json")
+            if image is None:
+                raise CheckpointError(
+                    f"{self.folder} has no image processor settings (an 'image_processor' entry in {PROCESSOR_CONFIG} "
+                    "or a preprocessor_config.json), as PI0Processor.save_pretrained writes them"
+                )
+            self.image_processor = PI0ImageProcessorPil.from_config_dict(image)
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
+            except Exception as error:  # noqa: BLE001
+                raise CheckpointError(f"could not load the tokenizer from {self.folder}: {error}") from error
+            stats = {k: processor.get(k) for k in ("state_mean", "state_std", "actions_mean", "actions_std")}
+            stats = stats if all(v is not None for v in stats.values()) else None
+        self.stats = stats
+        self.processor = PI0Processor(
+            image_processor=self.image_processor,
+            tokenizer=self.tokenizer,
+            max_state_dim=self.config.max_state_dim,
+            chunk_size=self.config.chunk_size,
+            **(stats or {}),
+        )
+        self._check_stats()
+
+    def _check_stats(self) -> None:
+        if self.stats is None:
+            return
+        for key, limit in (("state", self.config.max_state_dim), ("actions", self.config.max_action_dim)):
+            mean, std = self.stats[f"{key}_mean"], self.stats[f"{key}_std"]
+            if len(mean) != len(std) or not 0 < len(mean) <= limit:
+                raise CheckpointError(
+                    f"{key}_mean/{key}_std have lengths {len(mean)}/{len(std)}; they must match and be 1..{limit}"
+                )
+
+    def _build(self, source, *, revision, dtype, device, tiny, meta) -> nn.Module:
+        self.config._attn_implementation = "sdpa"
+        if meta:
+            repair_meta_device_context()
+            return move_strays_to_meta(PI0ForConditionalGeneration(self.config))
+        if tiny is not None:
+            torch.manual_seed(int(tiny.get("seed", 0)))
+            model = PI0ForConditionalGeneration(self.config)
+            return model.to(dtype=resolve_dtype(dtype) or torch.float32, device=device or "cpu")
+        try:
+            model = PI0ForConditionalGeneration.from_pretrained(
+                str(self.folder), dtype=resolve_dtype(dtype) or torch.float32, attn_implementation="sdpa"
+            )
+        except (OSError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"could not load the PI0 weights from {self.folder}: {error}") from error
+        return realign_storage(model.to(device or "cpu"))
+
+    def _finish(self, module: nn.Module) -> nn.Module:
+        module.unembed = TiedUnembedding(module.model.vlm.language_model.embed_tokens)
+        return super()._finish(module)
+
+    def save_pretrained(self, folder) -> None:
+        """Write a transformers PI0 checkpoint: the model's ``save_pretrained`` plus the ``PI0Processor``'s
+        (``processor_config.json`` with the statistics and the image processor, tokenizer files)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.dispatch()
+        self._module.save_pretrained(str(folder))
+        self.processor.save_pretrained(str(folder))
+        # the PIL twin names itself like the torchvision class; make sure the saved dict says so
+        config = read_json(folder, PROCESSOR_CONFIG)
+        config.setdefault("image_processor", {})["image_processor_type"] = "PI0ImageProcessor"
+        write_json_atomic(folder / PROCESSOR_CONFIG, config)
+
+    def _remoteable_model_key(self) -> str:
+        data = json.loads(super()._remoteable_model_key())
+        data.update({k: v for k, v in self.family_options.items() if v is not None})
+        return json.dumps(data, sort_keys=True)
+
+    # -- the uniform surface -------------------------------------------------------------------------------
+
+    @property
+    def action_token_ids(self) -> np.ndarray:
+        raise VLAError(
+            "pi0 has no action tokens: it produces actions by flow matching through its action expert "
+            "(vla.expert_layers), not by decoding vocabulary ids. Use the pi0-fast family for FAST action tokens."
+        )
+
+    @property
+    def action_dim(self) -> int:
+        """Action dimensions returned (the statistics' length; ``max_action_dim`` without statistics)."""
+        return len(self.stats["actions_mean"]) if self.stats else int(self.config.max_action_dim)
+
+    @property
+    def action_horizon(self) -> int:
+        """Actions per chunk (``config.chunk_size``)."""
+        return int(self.config.chunk_size)
+
+    @property
+    def state_dim(self) -> int | None:
+        """State dimension the statistics fix; None without statistics (any length up to ``max_state_dim``)."""
+        return len(self.stats["state_mean"]) if self.stats else None
+
+    def input_embeddings(self) -> torch.Tensor:
+        return self._module.model.vlm.language_model.embed_tokens.weight
+
+    def forward_count(self, num_steps: int | None = None, **_: Any) -> int:
+        """Root-module forwards in one ``predict_action``: one per denoising step (the prefix rides in step 0)."""
+        return self._num_steps(num_steps)
+
+    def stack_forwards(self, stack: str = "backbone", num_steps: int | None = None, **_: Any) -> list[int]:
+        """The forwards (``tracer.iter`` indices) in which a stack runs: backbone ``[0]``, expert every step."""
+        name = self.stack(stack).name
+        return [0] if name == "backbone" else list(range(self._num_steps(num_steps)))
+
+    def to_transformer_lens(self, stack: str = "backbone"):
+        """A TransformerLens bridge over the PaliGemma backbone (a ``PaliGemmaForConditionalGeneration`` sharing
+        this model's backbone tensors, ``lm_head`` tied to the embedding). The expert has no TL view."""
+        from .paligemma_lens import pi0_backbone_bridge
+
+        if self.stack(stack).name != "backbone":
+            raise InputError(
+                "only the PaliGemma backbone has a TransformerLens view; the action expert has no unembedding"
+            )
+        self.dispatch()
+        return pi0_backbone_bridge(self._module, self.tokenizer)
+
+    # -- inference -----------------------------------------------------------------------------------------
+
+    def _num_steps(self, num_steps: int | None) -> int:
+        steps = self.config.num_inference_steps if num_steps is None else num_steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise InputError(f"num_steps must be a positive integer, got {num_steps!r}")
+        return int(steps)
+
+    def _state(self, state: Any) -> np.ndarray:
+        if state is None:
+            size = self.state_dim or f"up to {self.config.max_state_dim}"
+            raise InputError(f"pi0 needs the robot state (a vector of {size} numbers)")
+        try:
+            array = np.asarray(state, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError) as error:
+            raise InputError(f"state must be a vector of numbers: {error}") from error
+        want = self.state_dim
+        if want is not None and array.shape[0] != want:
+            raise InputError(
+                f"pi0 expects a state of dimension {want} (the checkpoint's statistics), got {array.shape[0]}"
+            )
+        if want is None and not 0 < array.shape[0] <= self.config.max_state_dim:
+            raise InputError(f"pi0 takes a state of 1..{self.config.max_state_dim} numbers, got {array.shape[0]}")
+        if not np.all(np.isfinite(array)):
+            raise InputError(f"pi0 state contains NaN or infinite values: {array}")
+        return array
+
+    def prepare(self, images: Any, instruction: str, state: Any) -> dict[str, torch.Tensor]:
+        """Model inputs for one observation, through ``PI0Processor``: ``input_ids`` / ``attention_mask``
+        (image tokens, ``<bos>``, instruction, newline, padded), ``pixel_values`` (1, cameras, 3, H, W),
+        ``pixel_attention_mask`` and the normalised, zero-padded ``state`` (1, max_state_dim)."""
+        by_camera = zip(self.camera_names, self.images_by_camera(images))
+        cams = [as_uint8_image(img, f"camera {name!r}") for name, img in by_camera]
+        # openpi's prompt cleaning for pi0: one line, underscores as spaces
+        text = check_instruction(instruction).strip().replace("_", " ").replace("\n", " ")
+        array = self._state(state)
+        inputs = self.processor(images=[cams], text=text, state=array if self.stats else None)
+        if not self.stats:
+            padded = np.zeros(self.config.max_state_dim, dtype=np.float32)
+            padded[: array.shape[0]] = array
+            inputs["state"] = torch.from_numpy(padded)[None]
+        return dict(inputs)
+
+    def sample_noise(self, seed: int = 0) -> torch.Tensor:
+        """The initial flow sample (1, chunk_size, max_action_dim), deterministic in ``seed``."""
+        generator = torch.Generator().manual_seed(int(seed))
+        return torch.randn(1, self.config.chunk_size, self.config.max_action_dim, generator=generator)
+
+    def _predict_action(
+        self,
+        images: Any,
+        instruction: str,
+        state: Any = None,
+        seed: int = 0,
+        noise: Any = None,
+        num_steps: int | None = None,
+        horizon: int | None = None,
+        unnormalize: bool = True,
+    ) -> np.ndarray:
+        """Run the flow: ``num_steps`` Euler steps from noise at t=1 to actions at t=0.
+
+        Args:
+            images: ``{"base": img, "wrist": img}`` (``camera_names``) or a list in that order; HxWx3 uint8.
+            instruction: the task.
+            state: the robot state (``state_dim`` numbers, un-normalised; normalised with the checkpoint's stats).
+            seed: seeds the initial noise (ignored when ``noise`` is given).
+            noise: an explicit initial sample, shape (chunk_size, max_action_dim) or with a leading 1.
+            num_steps: denoising steps (default ``config.num_inference_steps``); one forward each.
+            horizon: return the first ``horizon`` actions of the chunk (1..chunk_size; default all).
+            unnormalize: map actions back with the checkpoint's ``actions_mean/std`` (default True).
+
+        Returns:
+            float32 array (horizon, action_dim).
+        """
+        horizon = self._horizon(horizon)
+        steps = self._num_steps(num_steps)
+        inputs = self.prepare(images, instruction, state)
+        x = self._noise(noise, seed)
+        actions = self.denoise(inputs, x, steps)[0, :horizon, : self.action_dim].float().cpu().numpy()
+        if unnormalize and self.stats:
+            mean = np.asarray(self.stats["actions_mean"], dtype=np.float32)
+            std = np.asarray(self.stats["actions_std"], dtype=np.float32)
+            actions = actions * (std + 1e-8) + mean  # inverse of PI0Processor.normalize
+        return actions
+
+    def _horizon(self, horizon: int | None) -> int:
+        if horizon is None:
+            return self.action_horizon
+        is_int = isinstance(horizon, (int, np.integer)) and not isinstance(horizon, bool)
+        if not is_int or not 1 <= horizon <= self.action_horizon:
+            raise InputError(
+                f"pi0 produces chunks of {self.action_horizon} actions; "
+                f"horizon must be 1..{self.action_horizon}, got {horizon!r}"
+            )
+        return int(horizon)
+
+    def _noise(self, noise: Any, seed: int) -> torch.Tensor:
+        shape = (1, self.config.chunk_size, self.config.max_action_dim)
+        if noise is None:
+            return self.sample_noise(seed)
+        x = torch.as_tensor(np.asarray(noise) if not isinstance(noise, torch.Tensor) else noise, dtype=torch.float32)
+        if x.dim() == 2:
+            x = x[None]
+        if tuple(x.shape) != shape or not torch.isfinite(x).all():
+            raise InputError(f"noise must be a finite array of shape {shape[1:]} (or {shape}), got {tuple(x.shape)}")
+        return x
+
+    def denoise(self, inputs: dict[str, torch.Tensor], noise: torch.Tensor, num_steps: int) -> torch.Tensor:
+        """The flow loop (one root forward per step; step 0 also fills the prefix KV cache). Returns x at t=0
+        (1, chunk_size, max_action_dim), the same computation as transformers' ``sample_actions``."""
+        self.dispatch()  # called directly (not through a trace) on a meta-built model: load the weights now
+        model = self._module
+        param = next(model.parameters())
+        inputs = {k: v.to(param.device) for k, v in inputs.items()}
+        x = noise.to(param.device, param.dtype)
+        prefix_length = inputs["input_ids"].shape[1]
+        dt = -1.0 / num_steps
+        cache = None
+        with torch.no_grad():
+            for step in range(num_steps):
+                time = torch.full((x.shape[0],), 1.0 + step * dt, dtype=torch.float32, device=param.device)
+                prefix = {} if cache is not None else {
+                    "input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"].to(param.dtype)
+                }
+                out = model(
+                    state=inputs["state"].to(param.dtype), noise=x, timestep=time,
+                    pixel_attention_mask=inputs["pixel_attention_mask"], attention_mask=inputs["attention_mask"],
+                    cache=cache, **prefix,
+                )
+                cache = out.cache
+                cache.crop(prefix_length - cache.get_seq_length())  # keep the prefix, drop this step's suffix
+                x = x + dt * out.logits
+        return x
+
+    def _scan_call(self):
+        model = self._module
+        vision = self.config.vlm_config.vision_config
+        n_image = (vision.image_size // vision.patch_size) ** 2
+        cams = len(self.camera_names)
+        ids = torch.full((1, n_image * cams + 3), self.config.vlm_config.image_token_id, dtype=torch.long)
+        ids[0, -3:] = torch.tensor([2, 5, 6])
+        d_model = self.config.vlm_config.text_config.hidden_size
+
+        def forward(**inputs):
+            out = model(**inputs)
+            model.unembed(out.logits.new_zeros(1, 1, d_model))  # reach lm_head after both stacks
+            return out
+
+        kwargs = dict(
+            state=torch.zeros(1, self.config.max_state_dim),
+            noise=torch.zeros(1, self.config.chunk_size, self.config.max_action_dim),
+            timestep=torch.ones(1),
+            input_ids=ids,
+            pixel_values=torch.zeros(1, cams, 3, vision.image_size, vision.image_size),
+            pixel_attention_mask=torch.ones(1, cams, dtype=torch.bool),
+            attention_mask=torch.ones_like(ids),
+        )
+        return forward, (), kwargs
