@@ -174,7 +174,7 @@ def test_apply_equals_plain_hooks(vla, unsteered, scope):
         assert_same_records(steered, reference)
         np.testing.assert_allclose(action, ref_action, rtol=1e-5, atol=1e-6)
         assert records_differ(steered, unsteered[0]), f"steering the {stack} stack must change the outputs"
-        runs = count_forwards(vla, stack, lambda: predict(vla))
+        runs = sum(1 for name, _ in steered if name == stack)  # forwards through the stack in the steered run
         assert applied.steered_forwards == {stack: runs if scope == "every" else 1}
         if vla.family == "openvla":
             assert runs == 7  # prefill + 6 cached decode steps
@@ -698,3 +698,18 @@ def test_neuron_files(openvla, tmp_path):
         Steering(tmp_path / "nowhere.yaml", 1.0)
     with pytest.raises(InputError, match="cannot steer another"):
         Steering(ours, 1.0, stack="expert")
+
+
+def test_apply_on_a_model_loaded_without_weights(openvla, tmp_path):
+    """nv.load builds on the meta device and loads weights on the first run: the stored edit survives dispatch."""
+    openvla.save_pretrained(tmp_path)
+    loaded = nv.load("openvla", str(tmp_path))
+    assert not loaded.dispatched
+    steer = Steering([(1, 3), (2, 5)], ALPHA)
+    with steer.apply(loaded) as applied:
+        got = predict(loaded)
+    assert loaded.dispatched and applied.steered_forwards == {"backbone": 7}
+    with hook_reference(openvla, {1: [3], 2: [5]}, ALPHA):
+        want = predict(openvla)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(predict(loaded), predict(openvla))
