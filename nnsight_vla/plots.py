@@ -1,0 +1,269 @@
+"""The paper's figures, drawn from saved results (never from live objects).
+
+Episode figures read a results folder written by a runner (:class:`nnsight_vla.envs.episodes.ResultsStore`):
+
+* :func:`plot_displacement` - mean per-step displacement over time and cumulative displacement, by condition;
+* :func:`plot_height` - end-effector height trajectories by condition (each episode thin, the mean thick);
+* :func:`plot_alpha_sweep` - a metric against the steering value alpha, one curve per concept x layer subset;
+* :func:`plot_layer_bars` - early / late / all-layer bars per concept (the "temporal localisation" figure);
+* :func:`plot_all` - every figure that the folder's conditions support.
+
+Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend change) and
+saved atomically as PNG. Each function returns the saved path, or the ``Figure`` when ``out`` is None.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+#: axis labels of the step metrics
+METRIC_LABELS = {
+    "action_disp": "per-step displacement |a_xyz| (action units)",
+    "disp": "per-step displacement (m)",
+    "dz": "vertical displacement per step (m)",
+    "action_dz": "vertical displacement a_z (action units)",
+    "height": "end-effector height (m)",
+    "height_rel": "height above start (m)",
+}
+
+
+def _figure(ncols: int = 1, width: float = 5.5, height: float = 4.0):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    return fig, axes
+
+
+def _save(fig, out: str | os.PathLike | None):
+    if out is None:
+        return fig
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix or '.png'}")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, out)
+    return out
+
+
+def _store(source):
+    from .envs.episodes import ResultsStore
+
+    return source if isinstance(source, ResultsStore) else ResultsStore.open(source)
+
+
+def _episode_series(store, column: str, conditions: Sequence[str] | None, task: Any) -> dict[str, list[np.ndarray]]:
+    """{condition: [per-episode array of ``column``]} for the selected conditions and task."""
+    import pyarrow.parquet as pq
+
+    out: dict[str, list[np.ndarray]] = {}
+    for record in store.records():
+        if conditions is not None and record["condition"] not in conditions:
+            continue
+        if task is not None and str(record["task"]) != str(task):
+            continue
+        table = pq.read_table(store.episodes_dir / record["steps_file"], columns=[column])
+        out.setdefault(record["condition"], []).append(table.column(0).to_numpy(zero_copy_only=False).astype(float))
+    order = conditions if conditions is not None else sorted(out, key=lambda c: (c != "baseline", c))
+    return {c: out[c] for c in order if c in out}
+
+
+def _ragged_mean(series: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and SEM at each step over the episodes still running at that step."""
+    length = max(len(s) for s in series)
+    grid = np.full((len(series), length), np.nan)
+    for i, s in enumerate(series):
+        grid[i, : len(s)] = s
+    finite = np.isfinite(grid)
+    n = finite.sum(axis=0)
+    total = np.where(finite, grid, 0.0).sum(axis=0)
+    mean = np.where(n > 0, total / np.maximum(n, 1), np.nan)
+    sq = np.where(finite, (grid - mean) ** 2, 0.0).sum(axis=0)
+    sem = np.where(n > 1, np.sqrt(sq / np.maximum(n - 1, 1)) / np.sqrt(np.maximum(n, 1)), 0.0)
+    return mean, sem
+
+
+def _title(ax, text: str, task: Any) -> None:
+    ax.set_title(text + ("" if task is None else f" (task {task})"), fontsize=10)
+
+
+def plot_displacement(
+    results,
+    out: str | os.PathLike | None = None,
+    *,
+    metric: str = "action_disp",
+    conditions: Sequence[str] | None = None,
+    task: Any = None,
+):
+    """Per-step displacement over time (mean +- SEM over episodes) and cumulative displacement, by condition.
+
+    ``metric``: ``"action_disp"`` (the executed translation command; the paper's scale) or ``"disp"`` (metres).
+    The cumulative panel is the running sum of ``metric`` within each episode, averaged over episodes.
+    """
+    store = _store(results)
+    series = _episode_series(store, metric, conditions, task)
+    fig, (ax1, ax2) = _figure(2)
+    for cond, eps in series.items():
+        mean, sem = _ragged_mean(eps)
+        steps = np.arange(len(mean))
+        (line,) = ax1.plot(steps, mean, label=f"{cond} (mean {np.nanmean(np.concatenate(eps)):.3g})", lw=1.2)
+        ax1.fill_between(steps, mean - sem, mean + sem, color=line.get_color(), alpha=0.2, lw=0)
+        cmean, csem = _ragged_mean([np.nancumsum(e) for e in eps])
+        ax2.plot(steps, cmean, color=line.get_color(), label=cond, lw=1.5)
+        ax2.fill_between(steps, cmean - csem, cmean + csem, color=line.get_color(), alpha=0.2, lw=0)
+    label = METRIC_LABELS.get(metric, metric)
+    ax1.set_xlabel("policy step")
+    ax1.set_ylabel(label)
+    _title(ax1, "per-step displacement", task)
+    ax2.set_xlabel("policy step")
+    ax2.set_ylabel("cumulative " + label.split(" (")[0].replace("per-step ", ""))
+    _title(ax2, "cumulative displacement", task)
+    if series:
+        ax1.legend(fontsize=7)
+        ax2.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def plot_height(
+    results,
+    out: str | os.PathLike | None = None,
+    *,
+    column: str = "height",
+    conditions: Sequence[str] | None = None,
+    task: Any = None,
+    max_episodes: int = 50,
+):
+    """End-effector height over time: every episode as a thin line, the condition mean as a thick line."""
+    store = _store(results)
+    series = _episode_series(store, column, conditions, task)
+    fig, (ax,) = _figure(1, width=6.5)
+    for cond, eps in series.items():
+        mean, _ = _ragged_mean(eps)
+        (line,) = ax.plot(np.arange(len(mean)), mean, lw=2.0, label=f"{cond} (n={len(eps)})")
+        for e in eps[:max_episodes]:
+            ax.plot(np.arange(len(e)), e, color=line.get_color(), lw=0.5, alpha=0.35)
+    ax.set_xlabel("policy step")
+    ax.set_ylabel(METRIC_LABELS.get(column, column))
+    _title(ax, "end-effector height", task)
+    if series:
+        ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def _condition_means(store, metric: str, task: Any = None) -> dict[str, tuple[float, float, int]]:
+    """{condition: (mean, sem, n)} of a step metric pooled over steps (the paper's level)."""
+    out = {}
+    for cond, eps in _episode_series(store, metric, None, task).items():
+        values = np.concatenate(eps)
+        values = values[np.isfinite(values)]
+        n = values.size
+        sem = float(values.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+        out[cond] = (float(values.mean()) if n else float("nan"), sem, n)
+    return out
+
+
+def plot_alpha_sweep(
+    results,
+    out: str | os.PathLike | None = None,
+    *,
+    metric: str = "action_disp",
+    reference: str = "baseline",
+    task: Any = None,
+):
+    """``metric`` (mean +- SEM over steps) against alpha, one line per (concept, layer subset); the reference
+    condition as a dashed horizontal line. Uses the conditions' ``alpha``/``concept``/``layers`` fields."""
+    store = _store(results)
+    conds = store.manifest.get("conditions", {})
+    means = _condition_means(store, metric, task)
+    curves: dict[tuple, list] = {}
+    for name, (mean, sem, _) in means.items():
+        c = conds.get(name, {})
+        if c.get("alpha") is None:
+            continue
+        group = (c.get("concept") or name, c.get("layers") or "", c.get("kind") or "")
+        curves.setdefault(group, []).append((float(c["alpha"]), mean, sem))
+    fig, (ax,) = _figure(1, width=6.0)
+    for (concept, layers, kind), points in sorted(curves.items()):
+        points.sort()
+        a, m, s = (np.asarray(v) for v in zip(*points))
+        style = "--" if kind == "control" else "-"
+        ax.errorbar(a, m, yerr=s, fmt="o" + style, ms=4, capsize=2, label=f"{concept} / {layers}".rstrip(" /"))
+    if reference in means:
+        ax.axhline(means[reference][0], color="k", ls=":", lw=1, label=reference)
+    ax.set_xlabel("alpha (activation value written)")
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    _title(ax, "alpha sweep", task)
+    if curves or reference in means:
+        ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def plot_layer_bars(
+    results,
+    out: str | os.PathLike | None = None,
+    *,
+    metric: str = "action_dz",
+    reference: str = "baseline",
+    alpha: float | None = None,
+    layer_order: Sequence[str] = ("early", "late", "all"),
+    task: Any = None,
+):
+    """Bars of ``metric`` per concept and layer subset (early / late / all) at one alpha (default: the largest
+    alpha of each concept), with the reference condition as a dashed line."""
+    store = _store(results)
+    conds = store.manifest.get("conditions", {})
+    means = _condition_means(store, metric, task)
+    table: dict[str, dict[str, tuple]] = {}
+    for name, stat in means.items():
+        c = conds.get(name, {})
+        if c.get("alpha") is None or c.get("layers") is None:
+            continue
+        if alpha is not None and float(c["alpha"]) != float(alpha):
+            continue
+        concept = c.get("concept") or name
+        prev = table.setdefault(concept, {}).get(c["layers"])
+        if prev is None or float(c["alpha"]) > prev[0]:
+            table[concept][c["layers"]] = (float(c["alpha"]), *stat)
+    layers = [l for l in layer_order if any(l in v for v in table.values())]
+    layers += sorted({l for v in table.values() for l in v} - set(layers))
+    fig, (ax,) = _figure(1, width=max(5.0, 1.2 * len(table) * max(1, len(layers)) / 2 + 3))
+    width = 0.8 / max(1, len(layers))
+    x = np.arange(len(table))
+    for j, layer in enumerate(layers):
+        vals = [table[c].get(layer, (np.nan, np.nan, 0.0, 0))[1:3] for c in table]
+        m = np.array([v[0] for v in vals], float)
+        s = np.array([v[1] for v in vals], float)
+        ax.bar(x + (j - (len(layers) - 1) / 2) * width, m, width, yerr=s, capsize=2, label=layer)
+    if reference in means:
+        ax.axhline(means[reference][0], color="k", ls="--", lw=1, label=reference)
+    ax.set_xticks(x, list(table) or [])
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    _title(ax, "layer subsets" + ("" if alpha is None else f" at alpha={alpha:g}"), task)
+    if layers or reference in means:
+        ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def plot_all(results, out_dir: str | os.PathLike, *, reference: str = "baseline") -> list[Path]:
+    """Every episode figure the results support, saved as PNG in ``out_dir``. Returns the paths."""
+    store = _store(results)
+    out_dir = Path(out_dir)
+    files = [
+        plot_displacement(store, out_dir / "displacement_action.png", metric="action_disp"),
+        plot_displacement(store, out_dir / "displacement_eef.png", metric="disp"),
+        plot_height(store, out_dir / "height.png"),
+    ]
+    conds = store.manifest.get("conditions", {}).values()
+    if any(c.get("alpha") is not None for c in conds):
+        files.append(plot_alpha_sweep(store, out_dir / "alpha_sweep.png", reference=reference))
+    if any(c.get("layers") is not None for c in conds):
+        files.append(plot_layer_bars(store, out_dir / "layers_vertical.png", metric="action_dz", reference=reference))
+        files.append(plot_layer_bars(store, out_dir / "layers_displacement.png", metric="action_disp",
+                                     reference=reference))
+    return files

@@ -1,0 +1,300 @@
+"""Episode logging, the results store, statistics, conditions and plots (no simulator needed).
+
+References are independent of the code under test: analytic trajectories, hand-written Welch formulas, files
+inspected with pyarrow/json/PIL directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from scipy import stats
+
+from nnsight_vla.envs import conditions as C
+from nnsight_vla.envs.episodes import (
+    ConfigMismatchError,
+    EpisodeKey,
+    EpisodeRecorder,
+    ResultsError,
+    ResultsStore,
+    compare_conditions,
+    success_rates,
+)
+
+CONFIG = {"simulator": "test", "suite": "s", "max_steps": 50, "camera_size": 64}
+
+
+class Knob:
+    """A minimal steering object (the real one is nnsight_vla.Steering): scales a policy's `gain`."""
+
+    def __init__(self, scale):
+        self.scale = scale
+
+    def apply(self, policy):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            old = policy.gain
+            policy.gain = old * self.scale
+            try:
+                yield
+            finally:
+                policy.gain = old
+
+        return ctx()
+
+    def to_dict(self):
+        return {"knob": self.scale}
+
+
+def line_episode(key, speed, steps=20, start=(0.1, -0.2, 0.8), direction=(3.0, 0.0, 4.0), success=True, jitter=None):
+    """An episode moving at constant `speed` (m/step) along `direction`; the reference values are analytic."""
+    d = np.asarray(direction) / np.linalg.norm(direction)
+    rec = EpisodeRecorder(key, start, meta={"note": "synthetic"})
+    for t in range(steps):
+        s = speed if jitter is None else speed + jitter[t]
+        pos = np.asarray(start) + d * (speed * (t + 1) if jitter is None else np.sum(speed + jitter[: t + 1]))
+        action = np.concatenate([d * s * 10, np.zeros(3), [-1.0]])
+        rec.record(pos, action, raw_action=action, gripper_state=0.04, policy_call=(t % 5 == 0), policy_s=0.001,
+                   env_s=0.002, reward=0.0, done=(success and t == steps - 1))
+    return rec.finish(success)
+
+
+def test_step_metrics_match_analytic_trajectory():
+    ep = line_episode(EpisodeKey("baseline", 0, 0), speed=0.01, steps=20)
+    cols = ep.columns
+    n = np.arange(1, 21)
+    np.testing.assert_allclose(cols["disp"], 0.01, rtol=1e-9)
+    np.testing.assert_allclose(cols["cum_disp"], 0.01 * n, rtol=1e-9)
+    np.testing.assert_allclose(cols["dz"], 0.01 * 0.8, rtol=1e-9)  # direction (3,0,4)/5: z share 0.8
+    np.testing.assert_allclose(cols["height"], 0.8 + 0.008 * n, rtol=1e-9)
+    np.testing.assert_allclose(cols["height_rel"], 0.008 * n, atol=1e-12)
+    np.testing.assert_allclose(cols["action_disp"], 0.1, rtol=1e-6)  # |a_xyz| = 10 * speed
+    np.testing.assert_allclose(cols["action_dz"], 0.08, rtol=1e-6)
+    s = ep.summary
+    assert s["steps"] == 20 and s["success"] is True and s["policy_calls"] == 4
+    assert s["total_disp"] == pytest.approx(0.2)
+    assert s["mean_disp"] == pytest.approx(0.01)
+    assert s["max_height_gain"] == pytest.approx(0.16)
+    assert s["policy_s"] == pytest.approx(0.02) and s["env_s"] == pytest.approx(0.04)
+
+
+def test_store_roundtrip_files_and_resume(tmp_path):
+    store = ResultsStore.create(tmp_path / "r", CONFIG, [C.baseline().to_dict()], kind="test")
+    ep = line_episode(EpisodeKey("baseline", 3, 1), speed=0.02, steps=7)
+    path = store.write_episode(ep)
+    record = json.loads(path.read_text())
+    steps_file = path.with_name(record["steps_file"])
+    table = pq.read_table(steps_file)
+    assert table.num_rows == 7 == record["steps_rows"]
+    np.testing.assert_allclose(table.column("disp").to_numpy(), 0.02)
+    assert table.column("condition").to_pylist() == ["baseline"] * 7
+    assert table.column("action").to_pylist()[0][-1] == -1.0
+    assert record["summary"]["steps"] == 7 and record["meta"]["note"] == "synthetic"
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert manifest["config"] == CONFIG and "numpy" in manifest["versions"]
+    # the same config reopens; committed episodes are what a resume skips; writing again is a no-op
+    again = ResultsStore.create(tmp_path / "r", CONFIG, [C.baseline().to_dict()], kind="test")
+    assert again.completed() == {ep.key.id}
+    mtime = os.stat(path).st_mtime_ns
+    again.write_episode(line_episode(EpisodeKey("baseline", 3, 1), speed=0.5, steps=3))
+    assert os.stat(path).st_mtime_ns == mtime
+    assert pq.read_table(steps_file).num_rows == 7
+    assert again.verify() == []
+
+
+def test_partial_episodes_never_count(tmp_path):
+    store = ResultsStore.create(tmp_path / "r", CONFIG, [C.baseline().to_dict()], kind="test")
+    good = line_episode(EpisodeKey("baseline", 0, 0), speed=0.01)
+    store.write_episode(good)
+    # a kill between the Parquet and the JSON commit: Parquet only
+    orphan = line_episode(EpisodeKey("baseline", 0, 1), speed=0.01)
+    pq.write_table(orphan.table(), store.episodes_dir / f"{orphan.key.id}.parquet")
+    # a JSON whose Parquet is shorter than recorded (corrupt) and a temp file of a write in progress
+    torn = line_episode(EpisodeKey("baseline", 0, 2), speed=0.01)
+    store.write_episode(torn)
+    pq.write_table(torn.table().slice(0, 5), store.episodes_dir / f"{torn.key.id}.parquet")
+    (store.episodes_dir / f".{good.key.id}.json.999.tmp").write_text("{")
+    assert store.completed() == {good.key.id}
+    with store.lock():
+        removed = store.clean_partial()
+    assert removed == 3  # orphan parquet, torn parquet (its JSON is then ignored), temp file
+    assert not any(p.name.endswith(".tmp") for p in store.episodes_dir.iterdir())
+    assert store.completed() == {good.key.id}
+
+
+def test_config_mismatch_is_refused_with_reasons(tmp_path):
+    ResultsStore.create(tmp_path / "r", CONFIG, [C.baseline().to_dict()], kind="test")
+    other = {**CONFIG, "camera_size": 128, "max_steps": 60}
+    with pytest.raises(ConfigMismatchError) as err:
+        ResultsStore.create(tmp_path / "r", other, [C.baseline().to_dict()], kind="test")
+    msg = str(err.value)
+    assert "camera_size: 64 in the folder, 128 now" in msg and "max_steps: 50 in the folder, 60 now" in msg
+    # a condition name reused with another definition is refused too; new conditions may be added
+    changed = C.Condition("baseline", prompt="{instruction} fast")
+    with pytest.raises(ConfigMismatchError, match="condition 'baseline'"):
+        ResultsStore.create(tmp_path / "r", CONFIG, [changed.to_dict()], kind="test")
+    store = ResultsStore.create(tmp_path / "r", CONFIG, [C.prompt_baseline("slow").to_dict()], kind="test")
+    assert set(store.manifest["conditions"]) == {"baseline", "prompt:slow"}
+    with pytest.raises(ConfigMismatchError, match="kind"):
+        ResultsStore.create(tmp_path / "r", CONFIG, [], kind="other")
+
+
+def test_bad_results_folders(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ResultsError, match="cannot write to results folder"):
+        ResultsStore.create(blocker / "sub", CONFIG, [], kind="test")
+    with pytest.raises(ResultsError, match="not a folder"):
+        ResultsStore.create(blocker, CONFIG, [], kind="test")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ResultsError, match="not an nnsight-vla results folder"):
+        ResultsStore.create(foreign, CONFIG, [], kind="test")
+    with pytest.raises(ResultsError, match="no manifest.json"):
+        ResultsStore.open(foreign)
+    if os.geteuid() != 0:  # root ignores permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        with pytest.raises(ResultsError, match="cannot write"):
+            ResultsStore.create(ro / "r", CONFIG, [], kind="test")
+
+
+def test_lock_refuses_a_second_writer(tmp_path):
+    store = ResultsStore.create(tmp_path / "r", CONFIG, [], kind="test")
+    with store.lock():
+        with pytest.raises(ResultsError, match="another sweep is writing"):
+            with ResultsStore(tmp_path / "r").lock():
+                pass
+    with store.lock():  # released
+        pass
+
+
+def welch_reference(a, b):
+    """Welch's t-test written out by hand (the independent reference)."""
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    t = (a.mean() - b.mean()) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return t, 2 * stats.t.sf(abs(t), df)
+
+
+def test_statistics_planted_effect(tmp_path):
+    rng = np.random.default_rng(0)
+    conds = [C.baseline(), C.steered("fast", Knob(2.0), alpha=10, layers="late")]
+    store = ResultsStore.create(tmp_path / "r", CONFIG, [c.to_dict() for c in conds], kind="test")
+    truth = {}
+    for task in (0, 1):
+        for trial in range(4):
+            for cond, speed in (("baseline", 0.010), ("fast@a10/late", 0.013)):  # planted +30 %
+                jitter = rng.normal(0, 0.001, 30)
+                ep = line_episode(EpisodeKey(cond, task, trial), speed, steps=30, jitter=jitter,
+                                  success=(trial % 2 == 0))
+                store.write_episode(ep)
+                truth.setdefault((cond, str(task)), []).append(speed + jitter)
+    rows = compare_conditions(store, "disp", "baseline", level="step")
+    by = {(r["task"], r["condition"]): r for r in rows}
+    for task in ("0", "1", "all"):
+        tasks = ("0", "1") if task == "all" else (task,)
+        fast = np.concatenate([np.concatenate(truth[("fast@a10/late", t)]) for t in tasks])
+        base = np.concatenate([np.concatenate(truth[("baseline", t)]) for t in tasks])
+        row = by[(task, "fast@a10/late")]
+        assert row["n"] == fast.size and row["n_episodes"] == 4 * len(tasks)
+        assert row["mean"] == pytest.approx(fast.mean(), rel=1e-9)
+        assert row["pct_change"] == pytest.approx((fast.mean() / base.mean() - 1) * 100, rel=1e-9)
+        t, p = welch_reference(fast, base)
+        assert row["t_stat"] == pytest.approx(t, rel=1e-9) and row["p_value"] == pytest.approx(p, rel=1e-6)
+        assert row["pct_change"] == pytest.approx(30, abs=3) and row["p_value"] < 1e-6
+        assert by[(task, "baseline")]["pct_change"] == 0
+    # episode level: one sample per episode (the episode mean)
+    ep_rows = {(r["task"], r["condition"]): r for r in compare_conditions(store, "disp", level="episode")}
+    per_episode = [a.mean() for a in truth[("fast@a10/late", "0")]]
+    assert ep_rows[("0", "fast@a10/late")]["n"] == 4
+    assert ep_rows[("0", "fast@a10/late")]["mean"] == pytest.approx(np.mean(per_episode), rel=1e-9)
+    # success rates: trials 0 and 2 succeed
+    sr = {(r["task"], r["condition"]): r for r in success_rates(store)}
+    assert sr[("all", "baseline")]["success_rate"] == 0.5 and sr[("0", "baseline")]["episodes"] == 4
+    with pytest.raises(ValueError, match="reference condition 'nope'"):
+        compare_conditions(store, "disp", "nope")
+    with pytest.raises(ValueError, match="unknown metric"):
+        compare_conditions(store, "velocity")
+
+
+def test_plots_from_saved_results(tmp_path):
+    from PIL import Image
+
+    from nnsight_vla import plots
+
+    conds = [C.baseline()] + [C.steered("up", Knob(a), alpha=a, layers=l) for a in (2, 8) for l in ("early", "late", "all")]
+    store = ResultsStore.create(tmp_path / "r", CONFIG, [c.to_dict() for c in conds], kind="test")
+    for i, cond in enumerate(conds):
+        for trial in range(2):
+            store.write_episode(line_episode(EpisodeKey(cond.name, 0, trial), 0.01 * (1 + i / 4), steps=12 + trial))
+    files = plots.plot_all(store, tmp_path / "plots")
+    names = {f.name for f in files}
+    assert {"displacement_action.png", "displacement_eef.png", "height.png", "alpha_sweep.png",
+            "layers_vertical.png"} <= names
+    for f in files:
+        assert f.stat().st_size > 5000
+        img = np.asarray(Image.open(f).convert("L"))
+        assert img.std() > 5  # something was drawn
+    fig = plots.plot_alpha_sweep(store)  # no path: a Figure comes back
+    assert len(fig.axes[0].lines) >= 1
+
+
+def test_conditions_behaviour():
+    c = C.prompt_baseline("fast")
+    assert c.name == "prompt:fast" and c.kind == "prompt"
+    assert c.instruction("open the drawer") == "open the drawer fast"
+    assert C.baseline().instruction("x") == "x" and C.baseline().kind == "baseline"
+
+    class P:
+        gain = 1.0
+
+    p = P()
+    s = C.steered("fast", Knob(3.0), alpha=4, layers="late")
+    assert s.name == "fast@a4/late" and s.kind == "steered"
+    with s.context(p):
+        assert p.gain == 3.0
+    assert p.gain == 1.0
+    with C.baseline().context(p):
+        assert p.gain == 1.0
+    assert s.to_dict()["steering"] == {"knob": 3.0} and json.dumps(s.to_dict())
+    # slugs stay unique for names differing only in characters a file name cannot hold
+    assert C.Condition("a/b").slug != C.Condition("a:b").slug
+    assert "/" not in C.Condition("fast@a10/late").slug
+
+
+def test_sweep_grid_and_bad_conditions():
+    made = []
+
+    def make(neurons, alpha, layers):
+        made.append((neurons, alpha, layers))
+        return Knob(alpha)
+
+    grid = C.sweep_grid({"fast": "F", "slow": "S"}, alphas=[2, 10], layers=["early", "late", "all"],
+                        controls={"random": "R"}, prompts=["fast"], make_steering=make)
+    names = [c.name for c in grid]
+    assert names[0] == "baseline" and len(grid) == 1 + 2 * 6 + 6 + 1
+    assert "fast@a10/late" in names and "random@a2/early" in names and names[-1] == "prompt:fast"
+    assert {c.kind for c in grid} == {"baseline", "steered", "control", "prompt"}
+    assert ("R", 10.0, "all") in made
+    with pytest.raises(C.ConditionError, match="named 'baseline'"):
+        C.check_unique([C.baseline(), C.baseline()])
+    with pytest.raises(C.ConditionError, match="template containing"):
+        C.Condition("p", prompt="go fast")
+    with pytest.raises(C.ConditionError, match=r"not a valid template"):
+        C.Condition("p", prompt="{instruction} {speed}")
+    with pytest.raises(C.ConditionError, match="lacks apply"):
+        C.Condition("s", steering=object())
+    with pytest.raises(C.ConditionError, match="non-empty name"):
+        C.Condition("")
+    with pytest.raises(C.ConditionError, match="no conditions"):
+        C.check_unique([])
