@@ -14,6 +14,7 @@ real weights arrive on the first run (``_load``). Every family exposes:
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -73,6 +74,11 @@ class VLA(Remotable):
         **kwargs: Any,
     ) -> None:
         self.checkpoint = None if source is None or isinstance(source, nn.Module) else str(source)
+        # the remote key names a local folder by its absolute path, fixed now (the working directory may change)
+        self._key_source = (
+            os.path.abspath(self.checkpoint) if self.checkpoint is not None and os.path.isdir(self.checkpoint)
+            else self.checkpoint
+        )
         self.revision = revision
         self.dtype_name = None if dtype is None else str(resolve_dtype(dtype)).removeprefix("torch.")
         self.device_name = None if device is None else str(device)
@@ -210,6 +216,15 @@ class VLA(Remotable):
     def _predict_action(self, images: Any, instruction: str, state: Any = None, **kwargs: Any) -> np.ndarray:
         raise NotImplementedError
 
+    def interleave(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if "remote" in kwargs or "backend" in kwargs:
+            # a direct (non-`with`) call keeps remote=/backend= in its kwargs; refuse before weights are loaded
+            raise InputError(
+                "remote= / backend= need a trace: `with vla.predict_action(..., remote=True) as tracer: "
+                "action = tracer.result.save()`, or nnsight_vla.remote.remote_predict_action(vla, ...)"
+            )
+        return super().interleave(fn, *args, **kwargs)
+
     def images_by_camera(self, images: Any) -> list[Any]:
         """Normalise ``images`` (one array, a sequence in camera order, or a {camera: array} mapping) to a list
         in ``camera_names`` order, with an error naming the missing camera."""
@@ -276,15 +291,37 @@ class VLA(Remotable):
     # -- remote ------------------------------------------------------------------------------------------------
 
     def _remoteable_model_key(self) -> str:
-        data = {"source": self.checkpoint, "revision": self.revision, "dtype": self.dtype_name}
+        # Everything the server needs to rebuild THIS model (the class path in front names the family): the
+        # checkpoint (an existing local folder as an absolute path: the server reads the same path), the revision,
+        # the dtype asked for or "auto" (the family's default for the source, rebuilt the same way server-side:
+        # the server's own default dtype must not decide it) and, for tiny models, the config overrides and seed.
+        # Families add their load options. Sorted keys: the key string is the server's deployment identity.
+        data = {"family": self.family, "source": self._key_source, "revision": self.revision,
+                "dtype": self.dtype_name or "auto"}
         if self.tiny_spec is not None:
             data["tiny"] = self.tiny_spec
         return json.dumps(data, sort_keys=True)
 
     @classmethod
     def _remoteable_from_model_key(cls, model_key: str, **kwargs: Any) -> "VLA":
-        data = {**json.loads(model_key), **kwargs}
-        return cls(data.pop("source", None), **data)
+        # Takes what an NDIF model actor passes (dispatch, dtype, device, device_map, max_memory,
+        # trust_remote_code); see nnsight_vla.remote.rebuild_from_key.
+        from ..remote import rebuild_from_key
+
+        return rebuild_from_key(cls, model_key, **kwargs)
+
+    @classmethod
+    def _remoteable_describe_checkpoint(cls, model_key: str, dtype: str):
+        # Sized in the dtype the key will really load with (not the server default), from a meta build.
+        from ..remote import describe_checkpoint
+
+        return describe_checkpoint(cls, model_key, dtype)
+
+    def _remote_backend(self, remote: Any, blocking: bool, job_id: str | None, verbose: bool):
+        # remote=True / URL / RemoteSettings -> bounded NDIF backend with clear errors; "local" -> nnsight's simulation
+        from ..remote import remote_backend
+
+        return remote_backend(self, remote, blocking=blocking, job_id=job_id, verbose=verbose)
 
     def _remoteable_persistent_objects(self) -> dict:
         objects = super()._remoteable_persistent_objects()

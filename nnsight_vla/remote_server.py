@@ -1,0 +1,105 @@
+"""Server-side glue for serving nnsight-vla (and any nnsight 0.8.1) models from an NDIF deployment (``ndif`` 0.1.2).
+
+Imported only INSIDE the NDIF server (its Ray controller and model actors), never by client code: it imports ``ray``
+and ``ndif``, which are not dependencies of nnsight-vla. Point the server at it with environment variables set
+before ``ray start``; no ndif file is edited.
+
+``ControllerActor`` (``NDIF_CONTROLLER_IMPORT_PATH=nnsight_vla.remote_server.ControllerActor``) -- every deployment
+    ndif 0.1.2's model evaluator calls ``Remotable.describe_checkpoint(key, dtype, trust_remote_code=...)`` and
+    ``Remotable.max_tp_size(key, trust_remote_code=...)``. nnsight 0.8.0 accepted (and ignored) extra keyword
+    arguments there; 0.8.1 removed them because ``trust_remote_code`` now travels inside the model key. Without this
+    controller every on-demand deploy fails with ``TypeError: ... unexpected keyword argument 'trust_remote_code'``.
+    It is ndif's own controller with an evaluator that calls nnsight 0.8.1's signatures.
+
+``CPUModelActor`` (``NDIF_MODEL_IMPORT_PATH=nnsight_vla.remote_server.CPUModelActor``) -- CPU-only servers (tests, CI)
+    ndif's stock ``ModelActor`` pins, caps, synchronises and verifies CUDA devices. This actor loads the model on the
+    CPU and skips that bookkeeping; request execution, timeouts, status messages and result upload stay ndif's own
+    code. A GPU cluster keeps the stock actor. The CPU server must still *declare* a GPU to Ray (``ray start
+    --num-gpus=1 --resources='{"cuda_memory_bytes": N, ...}'``): ndif only places models on nodes with a ``GPU``
+    resource, sized from ``cuda_memory_bytes`` (see :mod:`nnsight_vla.ndif_stack`).
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import ray
+from ndif.common.schema.controller import DeploymentConfig
+from ndif.services.ray.deployments.controller.cluster.evaluator import CacheEntry, ModelEvaluator, _dtype_name
+from ndif.services.ray.deployments.controller.controller import _ControllerActor
+from ndif.services.ray.deployments.modeling.base import BaseModelDeployment
+from nnsight.modeling.mixins.remotable import Remotable, bytes_per_element
+
+
+class Nnsight081Evaluator(ModelEvaluator):
+    """ndif's evaluator, asking nnsight 0.8.1 about a checkpoint with the arguments 0.8.1 takes.
+
+    ``trust_remote_code`` is still recorded on the cache entry (ndif compares it to decide whether to re-evaluate)
+    but not passed to nnsight: in 0.8.1 it is part of the key.
+    """
+
+    def _entry(self, model_key: str, dtype: Any, trust_remote_code: bool) -> CacheEntry:
+        resolved = _dtype_name(dtype)
+        cached = self.cache.get(model_key)
+        if cached is not None and cached.dtype == resolved and cached.trust_remote_code == trust_remote_code:
+            return cached
+        described = Remotable.describe_checkpoint(model_key, resolved)
+        n_params = described.n_params
+        if n_params is None:
+            n_params = round(described.size_bytes / bytes_per_element(resolved))
+        entry = CacheEntry(
+            described.size_bytes, n_params, described.config, described.revision, resolved, trust_remote_code,
+            Remotable.max_tp_size(model_key),
+        )
+        self.cache[model_key] = entry
+        return entry
+
+
+class _Nnsight081Controller(_ControllerActor):
+    """ndif's controller with :class:`Nnsight081Evaluator` installed before any deploy."""
+
+    def __init__(self, deployments: list[str] = (), **kwargs: Any) -> None:
+        # The parent deploys NDIF_DEPLOYMENTS inside __init__, before the evaluator could be swapped: hold them
+        # back and deploy them once it is in place.
+        super().__init__(deployments=[], **kwargs)
+        stock = self.cluster.evaluator
+        self.cluster.evaluator = Nnsight081Evaluator(
+            padding_factor=stock.padding_factor,
+            padding_bias=stock.padding_bias,
+            tp_model_actor_class=stock.tp_model_actor_class,
+        )
+        pinned = [key for key in deployments if key]
+        if pinned:
+            self._deploy({key: DeploymentConfig(pinned=True) for key in pinned})
+
+
+# The same Ray options as ndif's own ControllerActor: one CPU, pinned to the head node.
+ControllerActor = ray.remote(num_cpus=1, num_gpus=0, max_restarts=-1, resources={"head": 1})(_Nnsight081Controller)
+
+
+class _CPUModelDeployment(BaseModelDeployment):
+    """ndif's model actor with the weights on the CPU instead of the assigned GPUs."""
+
+    # Parking a replica (HOT->WARM) moves weights GPU->CPU; here they already are on the CPU, so an evicted
+    # replica is torn down instead.
+    CACHEABLE = False
+
+    def load_from_disk(self) -> Any:
+        # ndif's call with the placement replaced by the CPU; the key's class decides how dtype/device apply
+        # (nnsight-vla: the key's dtype wins over the server default).
+        model = Remotable.from_model_key(self.model_key, dispatch=True, dtype=self.dtype_name, device="cpu",
+                                         **self.kwargs)
+        model._module.requires_grad_(False)
+        return model
+
+    def cleanup(self) -> None:
+        # ndif's cleanup ends with torch.cuda.synchronize(), which raises on a CPU build of torch.
+        self.kill_switch.clear()
+        self.kill_reason = None
+        self.execution_ident = None
+        self.model.interleaver.cancel()
+        gc.collect()
+
+
+CPUModelActor = ray.remote(num_cpus=1, max_restarts=-1)(_CPUModelDeployment)
