@@ -342,7 +342,8 @@ def load_mapping(path: str | os.PathLike) -> dict:
         else:
             data = json.loads(text)
     except Exception as e:
-        raise SafetyConfigError(f"config file {path} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {e}") from None
+        kind = "YAML" if path.suffix.lower() in (".yaml", ".yml") else "JSON"
+        raise SafetyConfigError(f"config file {path} is not valid {kind}: {e}") from None
     if not isinstance(data, dict):
         raise SafetyConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
     return data

@@ -32,6 +32,7 @@ Rehearse against the controller twin first (:mod:`nnsight_vla.envs.ur5_twin`)::
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import ctypes
@@ -39,6 +40,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import socket
 import struct
@@ -66,9 +68,6 @@ from .safety import (
     load_mapping,
     matrix_to_pose,
     pose_to_matrix,
-    robot_mode_name,
-    rotation_angle,
-    safety_mode_name,
 )
 
 __all__ = [
@@ -128,8 +127,10 @@ class UR5Config:
         action_space: ``auto`` (by family: π0/π0-FAST ``joint_delta``, OpenVLA ``tcp_delta``), ``joint_delta``
             (action[:6] are joint offsets, rad), ``joint_abs`` (absolute joint targets) or ``tcp_delta``
             (dx, dy, dz in m and droll, dpitch, dyaw in rad, base frame).
-        delta_reference: for joint deltas of a chunk: ``chunk_start`` (every row relative to the joints observed
-            when the chunk was predicted, openpi's convention) or ``previous`` (relative to the previous target).
+        delta_reference: what a delta is relative to: ``chunk_start`` (the joints/TCP observed when the action or
+            chunk was predicted; openpi's convention for joint chunks), ``previous`` (the previous action's target)
+            or ``auto`` (``chunk_start`` for joint deltas, ``previous`` for TCP deltas: single TCP deltas applied to
+            the measured pose undershoot by the servo lag, ~lookahead x speed).
         action_scale: multiplies the position part of every action (1.0 for real checkpoints).
         open_loop_steps: rows of a chunk executed before the policy is queried again (None: 1 for single
             actions, ``min(horizon, 8)`` for chunks).
@@ -152,7 +153,7 @@ class UR5Config:
     action_hz: float = 10.0
     servo_hz: float = 125.0
     action_space: str = "auto"
-    delta_reference: str = "chunk_start"
+    delta_reference: str = "auto"
     action_scale: float = 1.0
     open_loop_steps: int | None = None
     gripper: str = "io"
@@ -178,24 +179,28 @@ class UR5Config:
         if self.home_q is not None:
             object.__setattr__(self, "home_q", tuple(float(v) for v in self.home_q))
         checks = [
-            (isinstance(self.max_steps, int) and self.max_steps >= 1, f"max_steps must be an int >= 1, got {self.max_steps!r}"),
+            (isinstance(self.max_steps, int) and self.max_steps >= 1,
+             f"max_steps must be an int >= 1, got {self.max_steps!r}"),
             (0 < float(self.action_hz) <= 50, f"action_hz must be in (0, 50], got {self.action_hz!r}"),
             (10 <= float(self.servo_hz) <= 500, f"servo_hz must be in 10..500, got {self.servo_hz!r}"),
             (float(self.servo_hz) >= float(self.action_hz), "servo_hz must be >= action_hz"),
-            (self.action_space in ACTION_SPACES, f"action_space must be one of {ACTION_SPACES}, got {self.action_space!r}"),
-            (self.delta_reference in ("chunk_start", "previous"),
-             f"delta_reference must be 'chunk_start' or 'previous', got {self.delta_reference!r}"),
+            (self.action_space in ACTION_SPACES,
+             f"action_space must be one of {ACTION_SPACES}, got {self.action_space!r}"),
+            (self.delta_reference in ("auto", "chunk_start", "previous"),
+             f"delta_reference must be 'auto', 'chunk_start' or 'previous', got {self.delta_reference!r}"),
             (math.isfinite(float(self.action_scale)) and float(self.action_scale) > 0,
              f"action_scale must be a finite number > 0, got {self.action_scale!r}"),
             (self.open_loop_steps is None or (isinstance(self.open_loop_steps, int) and self.open_loop_steps >= 1),
              f"open_loop_steps must be None or an int >= 1, got {self.open_loop_steps!r}"),
             (self.gripper in ("io", "none"), f"gripper must be 'io' or 'none', got {self.gripper!r}"),
-            (isinstance(self.gripper_pin, int) and 0 <= self.gripper_pin <= 7, f"gripper_pin must be 0..7, got {self.gripper_pin!r}"),
+            (isinstance(self.gripper_pin, int) and 0 <= self.gripper_pin <= 7,
+             f"gripper_pin must be 0..7, got {self.gripper_pin!r}"),
             (self.home_q is None or (len(self.home_q) == 6 and all(math.isfinite(v) for v in self.home_q)),
              "home_q must be None or 6 finite joint angles (rad)"),
             (self.image_size is None or (isinstance(self.image_size, int) and self.image_size >= 8),
              f"image_size must be None or an int >= 8, got {self.image_size!r}"),
-            (0 < float(self.connect_timeout) <= 10, f"connect_timeout must be in (0, 10] s, got {self.connect_timeout!r}"),
+            (0 < float(self.connect_timeout) <= 10,
+             f"connect_timeout must be in (0, 10] s, got {self.connect_timeout!r}"),
             (float(self.settle_s) >= 0, "settle_s must be >= 0"),
         ]
         for ok, message in checks:
@@ -295,7 +300,7 @@ def _dashboard_queries(host: str, port: int, commands: Sequence[str], timeout: f
         with contextlib.suppress(OSError):
             sock.sendall(b"quit\n")
         return out
-    except (socket.timeout, TimeoutError) as e:
+    except (socket.timeout, TimeoutError):
         raise RobotConnectionError(
             f"UR controller at {host}: the dashboard server (port {port}) accepted the connection but did not answer "
             f"within {timeout:.2f} s; the controller hangs or this is not a UR dashboard server") from None
@@ -548,6 +553,45 @@ def _call_with_timeout(fn: Callable[[], Any], timeout: float, what: str) -> tupl
     return True, result.get("value")
 
 
+class _Caller:
+    """One worker thread that runs realtime ur_rtde calls (servoJ, servoL, digital outputs, watchdog kicks) so
+    that the control loop can give up on a call that blocks.
+
+    Why: on a connection that dies between our check and the call, ur_rtde's ``sendCommand`` tries to
+    *reconnect* inside the call (dashboard connect with its own multi-second timeout) and then raises
+    ``RuntimeError``; ur_rtde releases the GIL meanwhile, so waiting here with a timeout works."""
+
+    def __init__(self) -> None:
+        self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._busy = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ur_rtde caller", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            fn, slot, done = self._jobs.get()
+            try:
+                slot["value"] = fn()
+            except Exception as e:  # reported to the caller
+                slot["error"] = e
+            self._busy.clear()
+            done.set()
+
+    def call(self, fn: Callable[[], Any], timeout: float) -> tuple[bool, Any, str | None]:
+        """(finished, value, error text); a call still stuck from before refuses new work at once."""
+        if self._busy.is_set():
+            return False, None, "a previous ur_rtde call has not returned"
+        slot: dict = {}
+        done = threading.Event()
+        self._busy.set()
+        self._jobs.put((fn, slot, done))
+        if not done.wait(timeout):
+            return False, None, f"no return within {timeout:.3f} s"
+        if "error" in slot:
+            return False, None, f"{type(slot['error']).__name__}: {slot['error']}"
+        return True, slot.get("value"), None
+
+
 class Gripper(ABC):
     """Gripper driver interface. :class:`IOGripper` drives it from a digital output; a Robotiq URCap socket
     driver (port 63352) or a ROS driver can implement the same three methods."""
@@ -589,8 +633,8 @@ class UR5Robot:
 
     Use as a context manager or call :meth:`connect` / :meth:`close`. Commands: :meth:`move_to` (moveJ),
     :meth:`begin_servo` then :meth:`servo_joint` / :meth:`servo_tcp` at ``servo_hz``, :meth:`set_gripper`,
-    :meth:`stop`. Every command is checked and logged in :attr:`commands` (and appended to ``command_log``,
-    a JSON-lines file, when given). After a :class:`RobotHalted` every command raises it again.
+    :meth:`stop`. Every command is checked and logged in :attr:`commands` (the last 20000) and appended to
+    ``command_log``, a JSON-lines file, when given. After a :class:`RobotHalted` every command raises it again.
     """
 
     def __init__(self, host: str, *, armed: bool = False, safety: SafetyConfig | None = None,
@@ -607,7 +651,8 @@ class UR5Robot:
         self.rtde_r = self.rtde_c = self.rtde_io = None
         self.gripper: Gripper | None = None
         self.halted: RobotHalted | None = None
-        self.commands: list[dict] = []
+        self.halted_at: float | None = None  # time.time() of the halt
+        self.commands: collections.deque = collections.deque(maxlen=20000)  # recent ones; all in the file
         self.rule_counts: dict[str, int] = {}
         self.sent = 0
         self.last_state: RobotState | None = None
@@ -622,6 +667,7 @@ class UR5Robot:
         self.q_action = None  # last action-level joint target
         self.pose_action = None
         self._last_kind = "joint"
+        self._caller: _Caller | None = None
 
     # -- connection
     def connect(self) -> "UR5Robot":
@@ -630,11 +676,9 @@ class UR5Robot:
         self.info = probe_controller(self.host, cfg.connect_timeout, check_script_port=self.armed)
         check_model(self.info, cfg.expected_model, cfg.expected_serial)
         if self.info.safety_mode not in ("NORMAL", "REDUCED"):
-            msg = (f"robot at {self.host} is in safety mode {self.info.safety_mode}; clear it on the teach pendant "
-                   "before running")
-            if self.armed:
-                raise RobotHalted(msg)
-            log.warning("%s (dry run continues: nothing will be sent)", msg)
+            # a dry run rehearses a real one: it refuses the same robots
+            raise RobotHalted(f"robot at {self.host} is in safety mode {self.info.safety_mode}; inspect the cause and "
+                              "clear it on the teach pendant before running")
         try:
             import rtde_receive
         except ImportError:
@@ -653,6 +697,8 @@ class UR5Robot:
             raise RobotConnectionError(f"ur_rtde could not connect to {self.host}: {e}") from None
         if cfg.gripper == "io":
             self.gripper = IOGripper(self, cfg.gripper_pin)
+        if self.armed:
+            self._caller = _Caller()
         if self._log_path is not None:
             self.open_command_log(self._log_path)
         deadline = time.monotonic() + 2.0
@@ -766,7 +812,7 @@ class UR5Robot:
         """Keep-alive while waiting (e.g. for the policy): check the robot, feed the controller's watchdog."""
         self.check()
         if self.armed and self.safety.controller_watchdog_hz > 0 and self._servoing:
-            self.rtde_c.kickWatchdog()
+            self._send_realtime("kickWatchdog", self.rtde_c.kickWatchdog, {"kind": "kickWatchdog"})
 
     def halt(self, exc: RobotHalted) -> None:
         """Stop the arm (best effort), latch ``exc`` and raise it. Nothing resumes by itself."""
@@ -806,7 +852,8 @@ class UR5Robot:
         if np.any(q < self.envelope.jmin) or np.any(q > self.envelope.jmax):
             self._log({"kind": "moveJ", "target": q, "refused": "joint_limits"})
             raise SafetyViolation(f"refused moveJ to {np.round(q, 3).tolist()}: outside the joint limits "
-                                  f"{list(self.safety.joint_min)} .. {list(self.safety.joint_max)}", rule="joint_limits")
+                                  f"{list(self.safety.joint_min)} .. {list(self.safety.joint_max)}",
+                                  rule="joint_limits")
         if not self.envelope.in_workspace(self.kin.fk(q)[:3, 3]):
             self._log({"kind": "moveJ", "target": q, "refused": "workspace"})
             raise SafetyViolation(
@@ -836,7 +883,7 @@ class UR5Robot:
             self._log(entry)
             if not (ok and res):
                 self.check()  # a safety stop or lost connection raises here
-                self.halt(RobotHalted(f"moveJ to the start pose failed (controller refused or timed out)"))
+                self.halt(RobotHalted("moveJ to the start pose failed (controller refused or timed out)"))
         else:
             log.info("dry run: would moveJ to %s (v=%.2f, a=%.2f)", np.round(q, 3).tolist(), v, a)
             self._log(entry)
@@ -863,6 +910,20 @@ class UR5Robot:
             self._log({"kind": "servoStop", "ok": bool(ok)})
         else:
             self._log({"kind": "servoStop", "armed": self.armed})
+
+    def _send_realtime(self, what: str, fn: Callable[[], Any], entry: dict) -> None:
+        """Send one realtime command through the caller thread; halt when it fails, refuses or blocks."""
+        ok, res, err = self._caller.call(fn, timeout=max(0.05, 5 * self.dt))
+        self.sent += 1
+        entry["ok"] = bool(ok and res is not False)
+        if entry["ok"]:
+            return
+        self._log(entry)
+        if err is not None or not self.connected:
+            self.halt(RobotHalted(f"lost the connection to the robot controller during {what}"
+                                  + (f" ({err})" if err else "") + "; stopped", rule="state"))
+        self.check()  # a safety stop or a stopped program raises here with its reason
+        self.halt(RobotHalted(f"the controller refused {what} (control program not running)", rule="state"))
 
     def _pace(self) -> None:
         now = time.monotonic()
@@ -895,26 +956,20 @@ class UR5Robot:
             raise self.halted
         if not self._servoing:
             raise RobotError("call begin_servo() before streaming servo commands")
-        self.check()
+        checked = self.envelope.servo_joint(self.q_cmd, self.v_cmd, q_target, self.dt)
+        self._count(checked.fired)
+        self._pace()
+        self.check()  # right before sending: safety stops, connection, fresh state
         try:
             self.watchdog.check()
         except RobotHalted as e:
             self.halt(e)
-        checked = self.envelope.servo_joint(self.q_cmd, self.v_cmd, q_target, self.dt)
-        self._count(checked.fired)
-        self._pace()
         entry = {"kind": "servoJ", "target": np.asarray(q_target, float), "sent": checked.value,
                  "fired": checked.fired, "armed": self.armed}
         if self.armed:
-            c = self.safety
-            ok = self.rtde_c.servoJ(checked.value.tolist(), c.max_joint_speed, c.max_joint_acc, self.dt,
-                                    c.servo_lookahead, c.servo_gain)
-            self.sent += 1
-            entry["ok"] = bool(ok)
-            if not ok or not self.rtde_c.isConnected():
-                self._log(entry)
-                self.check()
-                self.halt(RobotHalted("the controller refused a servoJ command (control program not running)"))
+            c, target = self.safety, checked.value.tolist()
+            self._send_realtime("servoJ", lambda: self.rtde_c.servoJ(target, c.max_joint_speed, c.max_joint_acc,
+                                                                     self.dt, c.servo_lookahead, c.servo_gain), entry)
         self._log(entry)
         self._last_kind = "joint"
         self.v_cmd = (checked.value - self.q_cmd) / self.dt
@@ -928,26 +983,20 @@ class UR5Robot:
             raise self.halted
         if not self._servoing:
             raise RobotError("call begin_servo() before streaming servo commands")
-        self.check()
+        checked, q = self.envelope.servo_tcp(self.pose_cmd, self.v_tcp_cmd, pose_target, self.q_cmd, self.dt)
+        self._count(checked.fired)
+        self._pace()
+        self.check()  # right before sending: safety stops, connection, fresh state
         try:
             self.watchdog.check()
         except RobotHalted as e:
             self.halt(e)
-        checked, q = self.envelope.servo_tcp(self.pose_cmd, self.v_tcp_cmd, pose_target, self.q_cmd, self.dt)
-        self._count(checked.fired)
-        self._pace()
         entry = {"kind": "servoL", "target": np.asarray(pose_target, float), "sent": checked.value,
                  "fired": checked.fired, "armed": self.armed}
         if self.armed:
-            c = self.safety
-            ok = self.rtde_c.servoL(checked.value.tolist(), c.max_joint_speed, c.max_joint_acc, self.dt,
-                                    c.servo_lookahead, c.servo_gain)
-            self.sent += 1
-            entry["ok"] = bool(ok)
-            if not ok or not self.rtde_c.isConnected():
-                self._log(entry)
-                self.check()
-                self.halt(RobotHalted("the controller refused a servoL command (control program not running)"))
+            c, target = self.safety, checked.value.tolist()
+            self._send_realtime("servoL", lambda: self.rtde_c.servoL(target, c.max_joint_speed, c.max_joint_acc,
+                                                                     self.dt, c.servo_lookahead, c.servo_gain), entry)
         self._log(entry)
         self._last_kind = "tcp"
         self.v_tcp_cmd = float(np.linalg.norm(checked.value[:3] - self.pose_cmd[:3])) / self.dt
@@ -966,12 +1015,8 @@ class UR5Robot:
         self.check()
         entry = {"kind": "digital_out", "pin": pin, "value": bool(value), "armed": self.armed}
         if self.armed and self.rtde_io is not None:
-            ok = self.rtde_io.setStandardDigitalOut(pin, bool(value))
-            self.sent += 1
-            entry["ok"] = bool(ok)
-            if not ok:
-                self._log(entry)
-                self.halt(RobotHalted(f"the controller refused to set digital output {pin}"))
+            self._send_realtime(f"setting digital output {pin}",
+                                lambda: self.rtde_io.setStandardDigitalOut(pin, bool(value)), entry)
         else:
             log.info("dry run: would set standard digital output %d to %s", pin, value)
         self._log(entry)
@@ -998,7 +1043,8 @@ class UR5ScriptedPolicy:
                  horizon: int = 8, action_hz: float = 10.0, speed: float = 1.0, model: str = "UR5",
                  tcp_offset=(0, 0, 0, 0, 0, 0), gripper: float = 0.0, delay_s: float = 0.0):
         if family not in FAMILY_ACTION_SPACE:
-            raise RobotConfigError(f"UR5ScriptedPolicy family must be one of {list(FAMILY_ACTION_SPACE)}, got {family!r}")
+            raise RobotConfigError(
+                f"UR5ScriptedPolicy family must be one of {list(FAMILY_ACTION_SPACE)}, got {family!r}")
         self.family = family
         self.camera_names = ("primary",) if family == "openvla" else ("base", "wrist")
         self.state_dim = None if family == "openvla" else 7
@@ -1086,6 +1132,7 @@ def _policy_identity(policy: Any) -> dict:
 @dataclass(frozen=True)
 class _Plan:
     action_space: str
+    delta_reference: str
     open_loop: int
     close_above: bool
     image_size: int | None
@@ -1111,7 +1158,10 @@ def _resolve_plan(config: UR5Config, surface: Mapping) -> _Plan:
     size = config.image_size or surface.get("image_size")
     if isinstance(size, (tuple, list)):
         size = int(size[0])
-    return _Plan(space, int(open_loop), bool(close_above), int(size) if size else None)
+    ref = config.delta_reference
+    if ref == "auto":
+        ref = "previous" if space == "tcp_delta" else "chunk_start"
+    return _Plan(space, ref, int(open_loop), bool(close_above), int(size) if size else None)
 
 
 def _prepare_image(img: np.ndarray, size: int | None) -> np.ndarray:
@@ -1212,7 +1262,9 @@ def run_episode(robot: UR5Robot, policy: Any, condition: Condition, config: UR5C
                                      "robot": asdict(robot.info) if robot.info else None})
     termination, halt_reason, error = "max_steps", None, None
     n_servo = max(1, int(round(config.servo_hz / config.action_hz)))
-    grip_idx = config.gripper_index if config.gripper_index is not None and config.gripper_index < surface["action_dim"] else None
+    grip_idx = config.gripper_index
+    if grip_idx is not None and grip_idx >= surface["action_dim"]:
+        grip_idx = None  # the policy has no gripper output
     sent_before, rules_before = robot.sent, dict(robot.rule_counts)
     executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="policy")
     perf = time.perf_counter
@@ -1221,7 +1273,15 @@ def run_episode(robot: UR5Robot, policy: Any, condition: Condition, config: UR5C
         step = 0
         while step < config.max_steps:
             st = robot.check()
-            images = {name: _prepare_image(cameras[name].read(), plan.image_size) for name in surface["camera_names"]}
+            try:
+                images = {name: _prepare_image(cameras[name].read(), plan.image_size)
+                          for name in surface["camera_names"]}
+            except CameraError:
+                # a controller that just died explains a dead twin camera: report the robot's reason if so
+                for _ in range(5):
+                    time.sleep(robot.dt)
+                    robot.check()
+                raise
             if config.video:
                 recorder.add_frame(images[surface["camera_names"][0]])
             grip_state = robot.gripper.state() if robot.gripper else float("nan")
@@ -1246,8 +1306,9 @@ def run_episode(robot: UR5Robot, policy: Any, condition: Condition, config: UR5C
                     raise SafetyViolation(f"policy output a non-finite action at step {step} "
                                           f"({np.array2string(row, precision=4)}); nothing of it was sent")
                 t0 = perf()
+                rules_step = sum(robot.rule_counts.values())
                 if plan.action_space == "tcp_delta":
-                    base = pose_ref if j == 0 else robot.pose_action
+                    base = pose_ref if (j == 0 and plan.delta_reference == "chunk_start") else robot.pose_action
                     target = _tcp_target(base, row, config.action_scale)
                     checked = robot.action_tcp(target)
                     start = robot.pose_cmd.copy()
@@ -1257,7 +1318,7 @@ def run_episode(robot: UR5Robot, policy: Any, condition: Condition, config: UR5C
                 else:
                     if plan.action_space == "joint_abs":
                         target_q = row[:6]
-                    elif config.delta_reference == "previous":
+                    elif plan.delta_reference == "previous":
                         target_q = prev_target_q + config.action_scale * row[:6]
                     else:
                         target_q = q_ref + config.action_scale * row[:6]
@@ -1266,7 +1327,7 @@ def run_episode(robot: UR5Robot, policy: Any, condition: Condition, config: UR5C
                     start = robot.q_cmd.copy()
                     for i in range(1, n_servo + 1):
                         robot.servo_joint(start + (checked.value - start) * (i / n_servo))
-                    executed = checked.value - (q_ref if config.delta_reference == "chunk_start" else start)
+                    executed = checked.value - (q_ref if plan.delta_reference == "chunk_start" else start)
                 g_cmd = float("nan")
                 if grip_idx is not None:
                     g_val = float(row[grip_idx])
@@ -1279,7 +1340,8 @@ def run_episode(robot: UR5Robot, policy: Any, condition: Condition, config: UR5C
                                 gripper=g_cmd, gripper_state=robot.gripper.state() if robot.gripper else float("nan"),
                                 policy_call=(j == 0), policy_s=policy_s if j == 0 else 0.0, env_s=env_s,
                                 tcp_speed=float(np.linalg.norm(after.tcp_speed[:3])),
-                                safety_clamps=float(len(checked.fired)), held=float(checked.held),
+                                safety_clamps=float(sum(robot.rule_counts.values()) - rules_step),
+                                held=float(checked.held),
                                 **{f"q{i}": float(after.q[i]) for i in range(6)})
                 step += 1
     except RobotHalted as e:
@@ -1289,6 +1351,11 @@ def run_episode(robot: UR5Robot, policy: Any, condition: Condition, config: UR5C
         log.error("episode %s: %s", key.id, e)
         with contextlib.suppress(RobotHalted):
             robot.stop("unsafe action refused")
+    except CameraError as e:
+        termination, error = "camera_error", str(e)
+        log.error("episode %s: %s; the arm was stopped", key.id, e)
+        with contextlib.suppress(RobotHalted):
+            robot.stop("camera failed")
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
         if robot.halted is None:
@@ -1300,7 +1367,7 @@ def run_episode(robot: UR5Robot, policy: Any, condition: Condition, config: UR5C
                "safety_rules": rules, "max_steps": config.max_steps, "action_hz": config.action_hz,
                "servo_hz": config.servo_hz}
     if robot.halted is not None:
-        summary["halted_wall"] = getattr(robot, "halted_at", None)
+        summary["halted_wall"] = robot.halted_at
     return recorder.finish(False, summary=summary)
 
 
@@ -1358,7 +1425,8 @@ def run_conditions(policy: Any, conditions: Sequence[Condition], config: UR5Conf
                  "robot": {"model": robot.info.model, "serial": robot.info.serial} if robot.info else None,
                  "policy": _policy_identity(policy)}
         store = ResultsStore.create(results, ident, [c.to_dict() for c in conditions], kind="ur5",
-                                    run_info={"host": host, "trials": trials, "conditions": [c.name for c in conditions]})
+                                    run_info={"host": host, "trials": trials,
+                                              "conditions": [c.name for c in conditions]})
         out.results = str(store.root)
         if command_log:
             robot.open_command_log(store.root / "commands" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl")
@@ -1382,8 +1450,9 @@ def run_conditions(policy: Any, conditions: Sequence[Condition], config: UR5Conf
                     out.episodes.append(key.id)
                     term = episode.summary["termination"]
                     out.terminations[term] = out.terminations.get(term, 0) + 1
-                    if robot.halted is not None:
-                        out.halted = f"{robot.halted.rule}: {robot.halted.reason}"
+                    if robot.halted is not None or term == "camera_error":
+                        out.halted = (f"{robot.halted.rule}: {robot.halted.reason}" if robot.halted is not None
+                                      else f"camera: {episode.summary['error']}")
                         log.error("sweep stopped after a halt; fix the cause, then rerun to resume")
                         return out
     finally:
