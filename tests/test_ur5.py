@@ -412,3 +412,19 @@ def test_tiny_pi0_steered_vs_unsteered(twin, tmp_path):
     eef = {c: np.column_stack([v["eef_x"], v["eef_y"], v["eef_z"]]) for c, v in by.items()}
     assert np.abs(eef["baseline"] - eef["steer@a30"]).max() > 1e-4
     assert not np.allclose(by["baseline"]["cum_disp"], by["steer@a30"]["cum_disp"])
+
+
+@pytest.mark.slow
+def test_e_series_twin_at_500_hz(tmp_path):
+    """An e-Series twin (PolyScope 5, RTDE at 500 Hz, UR5e geometry): ur_rtde's e-Series code paths (remote-control
+    check on a non-127.0.0.1 address, 500 Hz recipes) and an armed episode with UR5e kinematics."""
+    with TwinProcess(free_loopback_host(), model="UR5e", controller_version="5.15.0.1234") as tw:
+        info = probe_controller(tw.host)
+        assert info.e_series and info.model == "UR5e"
+        safety = SafetyConfig(robot_model="UR5e", state_timeout_s=1.0)
+        res = run_conditions(UR5ScriptedPolicy("pi0", model="UR5e"), [baseline()],
+                             _cfg(max_steps=6, expected_model="UR5e"), tmp_path / "e", host=tw.host, armed=True,
+                             safety=safety)
+        assert res.terminations == {"max_steps": 1}
+        s = ResultsStore.open(tmp_path / "e").summaries()[0]
+        assert s["mean_disp"] == pytest.approx(0.008, rel=0.35)
