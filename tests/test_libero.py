@@ -38,7 +38,7 @@ def small_config(**kw) -> L.LiberoConfig:
 
 
 def scripted(family="openvla", **kw) -> L.ScriptedPolicy:
-    return L.ScriptedPolicy(family, image_size=32, period=10, **kw)
+    return L.ScriptedPolicy(family, **{"image_size": 32, "period": 10, **kw})
 
 
 def fast() -> Condition:
