@@ -11,7 +11,6 @@ Slow suite (full episodes with the standard recipe, Ray, the policy server)::
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
