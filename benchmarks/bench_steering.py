@@ -167,35 +167,60 @@ def time_conditions(vla, steer: Steering, reps: int, seed: int = 0) -> dict:
     }
 
 
-def profile_breakdown(vla, steer: Steering, calls: int = 10) -> dict:
-    """Where a steered call's time goes, by origin of the code (cProfile self time, shares of the total)."""
+def _bucket(filename: str, function: str) -> str:
+    if filename == "~":
+        if "greenlet" in function:
+            return "greenlet switches"
+        if function.startswith("<built-in method torch") or "torch._C" in function or "of 'torch." in function:
+            return "torch kernels (C)"
+        return "other builtins"
+    if "/nnsight/" in filename:
+        return "nnsight (python)"
+    if filename.endswith("nnsight_vla/steering.py"):
+        return "nnsight_vla.steering"
+    if "/torch/" in filename:
+        return "torch (python)"
+    if "/transformers/" in filename:
+        return "transformers (python)"
+    return "other python"
+
+
+def profile_overhead(vla, steer: Steering, calls: int = 20) -> dict:
+    """Where the extra time of a steered call goes: cProfile self time per call, by origin of the code, for the
+    plain-hook and the steered call, their difference, and how often the interleaver's per-module handoff and the
+    greenlet switches run per call (cProfile inflates small Python calls: read the shares, not the absolutes)."""
     images, kwargs = call_args(vla)
-    profile = cProfile.Profile()
-    with steer.apply(vla):
-        vla.predict_action(images, INSTRUCTION, **kwargs)
-        profile.enable()
-        for _ in range(calls):
-            vla.predict_action(images, INSTRUCTION, **kwargs)
-        profile.disable()
-    buckets: dict[str, float] = {}
-    for (filename, _, function), (_, _, tottime, _, _) in pstats.Stats(profile).stats.items():
-        if filename == "~":
-            bucket = "torch kernels (C)" if function.startswith("<built-in method torch") or "torch._C" in function \
-                or "of 'torch." in function else "other builtins (incl. greenlet switches)"
-        elif "/nnsight/" in filename:
-            bucket = "nnsight (python)"
-        elif filename.endswith("nnsight_vla/steering.py"):
-            bucket = "nnsight_vla.steering"
-        elif "/torch/" in filename:
-            bucket = "torch (python)"
-        elif "/transformers/" in filename:
-            bucket = "transformers (python)"
-        else:
-            bucket = "other python"
-        buckets[bucket] = buckets.get(bucket, 0.0) + tottime
-    total = sum(buckets.values())
-    return {"per_call_ms_under_profiler": total / calls * 1e3,
-            "shares": {k: round(v / total, 4) for k, v in sorted(buckets.items(), key=lambda kv: -kv[1])}}
+    per_call: dict[str, dict[str, float]] = {}
+    counts: dict[str, dict[str, float]] = {}
+    contexts = {"hook": lambda: plain_hooks(vla, steer), "steer": lambda: steer.apply(vla)}
+    profiles = {name: cProfile.Profile() for name in contexts}
+    for _ in range(calls):  # alternate the two conditions, so a burst of load hits both
+        for name, context in contexts.items():
+            with context():
+                profiles[name].enable()
+                vla.predict_action(images, INSTRUCTION, **kwargs)
+                profiles[name].disable()
+    for name, profile in profiles.items():
+        buckets: dict[str, float] = {}
+        seen = {"Interleaver.handle": 0.0, "module controllers": 0.0, "greenlet switches": 0.0}
+        for (filename, line, function), (_, ncalls, tottime, _, _) in pstats.Stats(profile).stats.items():
+            bucket = _bucket(filename, function)
+            buckets[bucket] = buckets.get(bucket, 0.0) + tottime / calls * 1e3
+            if filename.endswith("nnsight/intervention/interleaver.py") and function == "handle":
+                seen["Interleaver.handle"] += ncalls / calls
+            elif filename.endswith("nnsight/intervention/source.py") and function == "__call__":
+                seen["module controllers"] += ncalls / calls
+            elif bucket == "greenlet switches":
+                seen["greenlet switches"] += ncalls / calls
+        per_call[name] = buckets
+        counts[name] = seen
+    extra = {k: per_call["steer"].get(k, 0.0) - per_call["hook"].get(k, 0.0)
+             for k in set(per_call["steer"]) | set(per_call["hook"])}
+    return {
+        "profiled_ms_per_call": {name: round(sum(b.values()), 3) for name, b in per_call.items()},
+        "extra_ms_per_call_by_origin": {k: round(v, 3) for k, v in sorted(extra.items(), key=lambda kv: -kv[1])},
+        "counts_per_call": {name: {k: round(v, 1) for k, v in c.items()} for name, c in counts.items()},
+    }
 
 
 def build(family: str, size: str):
@@ -240,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
                 entry.update(time_conditions(vla, steer, args.reps))
                 entry["load_at_end"] = os.getloadavg()
                 if size == "tiny":
-                    entry["profile"] = profile_breakdown(vla, steer)
+                    entry["profile"] = profile_overhead(vla, steer)
                 family_results[key] = entry
                 r, m, c, p = entry["ratios"], entry["median_ms"], entry["ratios_cpu"], entry["paired_ratios"]
                 print(f"{family:9s} {key:16s} plain {m['plain']:8.2f} ms  hook {m['hook']:8.2f}  steer {m['steer']:8.2f}"
