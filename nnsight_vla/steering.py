@@ -23,10 +23,6 @@ Three ways to use a :class:`Steering`::
 
     bridge.run_with_hooks(ids, fwd_hooks=steer.transformer_lens_hooks(vla))   # (c) TransformerLens
 
-Put ``vla.predict_action(...)`` on its own line inside the ``with`` block: nnsight's traceable methods look at the
-source line of the call, and a one-liner ``with steer.apply(vla): a = vla.predict_action(...)`` makes the call
-return an (unused) tracer instead of running.
-
 Scope: ``"every"`` steers every forward pass that produces the action (OpenVLA: the prefill and each of the 6
 cached decode steps; pi0: the backbone's prefix pass and, for the expert stack, every denoising step; pi0-FAST:
 prefill and every decode step); ``"prefill"`` only the first forward pass that reaches the stack (what the
@@ -423,9 +419,8 @@ def forward_count(vla, stack: str = "backbone", tracer: Any = None, **predict_kw
     """How many forward passes reach ``stack``'s layers in one ``predict_action`` call (None when unknown).
 
     Asks the family: ``vla.stack_forwards(stack, **predict_kwargs)`` (the forwards a stack runs in, e.g. pi0's
-    backbone ``[0]``) when it has it, else ``vla.forward_count(**predict_kwargs)`` (forwards per call, every stack
-    in each), else a built-in default (OpenVLA: one per action token, i.e. 7). With ``tracer`` (a trace of
-    ``vla.predict_action``), the call's own keyword arguments are used; a trace of any other function gives None.
+    backbone ``[0]``; OpenVLA: one per action token, i.e. 7). With ``tracer`` (a trace of ``vla.predict_action``),
+    the call's own keyword arguments are used; a trace of any other function gives None.
     """
     if tracer is not None:
         fn = getattr(tracer, "fn", None)
@@ -435,29 +430,17 @@ def forward_count(vla, stack: str = "backbone", tracer: Any = None, **predict_kw
     for name in ("images", "instruction", "state"):
         predict_kwargs.pop(name, None)
     try:
-        if callable(getattr(type(vla), "stack_forwards", None)):
-            return len(vla.stack_forwards(stack, **predict_kwargs))
-        if callable(getattr(type(vla), "forward_count", None)):
-            return int(vla.forward_count(**predict_kwargs))
-        default = _DEFAULT_FORWARD_COUNTS.get(vla.family)
-        return None if default is None else int(default(vla, stack, predict_kwargs))
-    except InputError:
-        return None  # predict_action itself will report the bad argument
+        return len(vla.stack_forwards(stack, **predict_kwargs))
+    except (InputError, NotImplementedError):
+        return None  # predict_action itself will report a bad argument
 
 
 def _prefix_only(vla, stack: str) -> bool:
     """Whether a stack runs in the first forward of a call only (pi0's backbone: the prefix, then cached)."""
-    hook = getattr(type(vla), "stack_forwards", None)
-    return callable(hook) and list(vla.stack_forwards(stack)) == [0]
-
-
-def _openvla_forwards(vla, stack: str, kwargs: dict) -> int:
-    # one forward per generated action token (prefill + cached steps); the token count is the action dim
-    return vla.bins.action_dim(kwargs.get("unnorm_key"))
-
-
-#: defaults for families without a ``forward_count`` hook (to move into the families themselves)
-_DEFAULT_FORWARD_COUNTS: dict[str, Callable[[Any, str, dict], int | None]] = {"openvla": _openvla_forwards}
+    try:
+        return list(vla.stack_forwards(stack)) == [0]
+    except NotImplementedError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------------------------

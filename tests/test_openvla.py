@@ -268,3 +268,18 @@ def test_transformer_lens_hook_post_equals_nnsight_edit(tiny_openvla, images):
     # the bridge shares weights and leaves the nnsight model working
     assert bridge.blocks[0].mlp is not None
     assert tiny_openvla.predict_action(images["a"], INSTRUCTION).shape == (7,)
+
+
+def test_one_line_with_of_another_context_runs_the_call(tiny_openvla, images):
+    """`with something: a = vla.predict_action(...)` on one line runs the call (nnsight alone returns a tracer)."""
+    import contextlib
+
+    expected = tiny_openvla.predict_action(images["a"], INSTRUCTION)
+    with contextlib.nullcontext(): action = tiny_openvla.predict_action(images["a"], INSTRUCTION)  # noqa: E701
+    assert isinstance(action, np.ndarray)
+    np.testing.assert_array_equal(action, expected)
+
+
+def test_forward_count(tiny_openvla):
+    assert tiny_openvla.forward_count() == 7
+    assert tiny_openvla.stack_forwards("backbone") == list(range(7))

@@ -13,14 +13,16 @@ real weights arrive on the first run (``_load``). Every family exposes:
 
 from __future__ import annotations
 
+import ast
+import functools
 import json
 import os
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
-from nnsight.intervention.envoy import traceable
 from nnsight.modeling.mixins.remotable import Remotable
+from nnsight.tracing.tracer import WithBlockNotFoundError
 from torch import nn
 
 from ..errors import IndexOutOfRangeError, InputError
@@ -28,6 +30,41 @@ from .tree import Stack, check_activation_shapes, check_weight_shapes, install_u
 
 # Persistent ids of the per-model objects a remote request references instead of serialising.
 PERSISTENT = {"tokenizer": "Tokenizer", "image_processor": "ImageProcessor", "action_tokenizer": "ActionTokenizer"}
+
+
+def traceable(method: Callable) -> Callable:
+    """Like nnsight's ``traceable``: ``with vla.method(...) as tracer:`` traces the call, a plain call just runs it.
+
+    nnsight decides by looking for a ``with`` statement on the caller's line, so a one-liner such as
+    ``with steer.apply(vla): action = vla.predict_action(...)`` would hand back an unused tracer instead of running.
+    Here the ``with`` must also be *this* call (one of its context expressions calls ``method``); otherwise the
+    call runs directly.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self, *args: Any, **kwargs: Any) -> Any:
+        fn = method.__get__(self, type(self))
+        if self.interleaver.interleaving:
+            return method(self, *args, **kwargs)
+        tracer = self.trace(*args, fn=fn, **kwargs)
+        try:
+            tracer.capture()
+        except WithBlockNotFoundError:
+            return self.interleave(fn, *args, **kwargs)
+        if not _opens_with(tracer.node, method.__name__):
+            return self.interleave(fn, *args, **kwargs)
+        return tracer
+
+    return wrapper
+
+
+def _opens_with(node: Any, name: str) -> bool:
+    """Whether a ``with`` node has a context expression that calls ``<something>.name(...)``."""
+    for item in getattr(node, "items", ()):
+        call = item.context_expr
+        if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == name:
+            return True
+    return False
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -174,6 +211,15 @@ class VLA(Remotable):
     def action_horizon(self) -> int:
         """Actions returned per call: 1 for single-step models, H for chunking models."""
         return 1
+
+    def forward_count(self, **predict_kwargs: Any) -> int:
+        """Root forward passes in one ``predict_action`` call with these keyword arguments (``tracer.iter`` bound)."""
+        raise NotImplementedError
+
+    def stack_forwards(self, stack: str = "backbone", **predict_kwargs: Any) -> list[int]:
+        """The ``tracer.iter`` indices of the forwards in which ``stack``'s layers run (default: all of them)."""
+        self.stack(stack)
+        return list(range(self.forward_count(**predict_kwargs)))
 
     def check_layer(self, layer: int, stack: str = "backbone") -> int:
         """Validate a layer index (negative indices count from the end); return it non-negative."""

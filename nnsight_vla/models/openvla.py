@@ -652,6 +652,10 @@ class OpenVLA(VLA):
     def action_dim(self) -> int:
         return self.bins.action_dim(None if len(self.bins.norm_stats) == 1 else False)
 
+    def forward_count(self, unnorm_key: str | None | bool = None, **_: Any) -> int:
+        """One forward per action token: the multimodal prefill, then a cached step per further token (7)."""
+        return self.bins.action_dim(unnorm_key)
+
     def input_embeddings(self) -> torch.Tensor:
         return self._module.language_model.get_input_embeddings().weight
 
