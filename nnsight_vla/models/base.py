@@ -26,6 +26,7 @@ from nnsight.tracing.tracer import WithBlockNotFoundError
 from torch import nn
 
 from ..errors import IndexOutOfRangeError, InputError
+from .checkpoints import move_strays_to_meta, repair_meta_device_context
 from .tree import Stack, check_activation_shapes, check_weight_shapes, install_uniform_tree, stack_shapes
 
 # Persistent ids of the per-model objects a remote request references instead of serialising.
@@ -148,7 +149,9 @@ class VLA(Remotable):
 
     def _load_meta(self, source, revision=None, dtype=None, device=None, tiny=None, **_: Any) -> nn.Module:
         self._load_processors(source, revision=revision, tiny=tiny)
-        return self._finish(self._build(source, revision=revision, dtype=dtype, device=device, tiny=tiny, meta=True))
+        repair_meta_device_context()
+        module = self._build(source, revision=revision, dtype=dtype, device=device, tiny=tiny, meta=True)
+        return self._finish(move_strays_to_meta(module))
 
     def _load(self, source, revision=None, dtype=None, device=None, tiny=None, **_: Any) -> nn.Module:
         if self.tokenizer is None:

@@ -307,3 +307,52 @@ def materialize_rest(model: nn.Module, device: torch.device | str | None = None)
     leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
     if leftovers:
         raise CheckpointError(f"tensors left uninitialised after loading: {leftovers[:5]}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# meta builds and loaded storage
+
+
+def repair_meta_device_context() -> None:
+    """Undo a process-wide side effect of transformers' ``from_pretrained`` on meta builds.
+
+    ``from_pretrained`` swaps ``torch.linspace`` for a CPU-defaulting wrapper while it builds on meta. If that is
+    the first time torch evaluates its (``lru_cache``-d) list of device-aware constructors, the list keeps the
+    wrapper and loses the real ``torch.linspace``: from then on ``torch.device("meta")`` (and nnsight's meta build)
+    no longer moves ``linspace`` tensors to meta, and pi0's timestep frequencies land on the CPU. Re-evaluate the
+    list when it lacks the real function (torch private API, hence the guard).
+    """
+    try:
+        from torch.utils import _device
+
+        if torch.linspace not in _device._device_constructors():
+            _device._device_constructors.cache_clear()
+    except (ImportError, AttributeError):  # pragma: no cover - a torch without this cache
+        pass
+
+
+def move_strays_to_meta(module: nn.Module) -> nn.Module:
+    """After a meta build: put any buffer that was created off the meta device on it (structure only)."""
+    for owner in module.modules():
+        for name, buf in list(owner._buffers.items()):
+            if buf is not None and not buf.is_meta:
+                owner._buffers[name] = torch.empty_like(buf, device="meta")
+    return module
+
+
+def realign_storage(module: nn.Module, alignment: int = 64) -> nn.Module:
+    """Give every CPU parameter/buffer whose data is not ``alignment``-byte aligned its own (aligned) copy.
+
+    ``from_pretrained`` can leave CPU tensors at arbitrary offsets of the safetensors file; torch's CPU kernels then
+    take another vectorisation path and round differently in the last bit, so a reloaded tiny checkpoint would not
+    reproduce its source exactly. Copies are made one tensor at a time; tied tensors stay tied.
+    """
+    copies: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % alignment:
+                key = id(tensor)
+                if key not in copies:
+                    copies[key] = tensor.data.clone()
+                tensor.data = copies[key]
+    return module

@@ -46,14 +46,11 @@ from transformers import AutoTokenizer, PI0Config, PI0ForConditionalGeneration, 
 
 from ..errors import CheckpointError, InputError, VLAError
 from .base import VLA, as_uint8_image, check_instruction, resolve_dtype
-from .checkpoints import read_json, resolve_folder, write_json_atomic
+from .checkpoints import read_json, realign_storage, resolve_folder, write_json_atomic
 from .paligemma import (
     PI0ImageProcessorPil,
     TiedUnembedding,
     build_paligemma_style_tokenizer,
-    move_strays_to_meta,
-    realign_storage,
-    repair_meta_device_context,
 )
 from .registry import register
 from .tree import Stack
@@ -199,8 +196,7 @@ class PI0(VLA):
     def _build(self, source, *, revision, dtype, device, tiny, meta) -> nn.Module:
         self.config._attn_implementation = "sdpa"
         if meta:
-            repair_meta_device_context()
-            return move_strays_to_meta(PI0ForConditionalGeneration(self.config))
+            return PI0ForConditionalGeneration(self.config)
         if tiny is not None:
             torch.manual_seed(int(tiny.get("seed", 0)))
             model = PI0ForConditionalGeneration(self.config)

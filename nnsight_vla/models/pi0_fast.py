@@ -52,13 +52,10 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 
 from ..errors import CheckpointError, InputError
 from .base import VLA, as_uint8_image, check_instruction, resolve_dtype
-from .checkpoints import read_json, resolve_folder, write_json_atomic
+from .checkpoints import read_json, realign_storage, resolve_folder, write_json_atomic
 from .fast_tokenizer import FastActionTokenizer, FastDecodeError
 from .paligemma import (
     build_paligemma_style_tokenizer,
-    move_strays_to_meta,
-    realign_storage,
-    repair_meta_device_context,
     resize_with_pad,
 )
 from .registry import register
@@ -282,8 +279,7 @@ class PI0Fast(VLA):
     def _build(self, source, *, revision, dtype, device, tiny, meta) -> nn.Module:
         self.config._attn_implementation = "sdpa"
         if meta:
-            repair_meta_device_context()
-            return move_strays_to_meta(PaliGemmaForConditionalGeneration(self.config))
+            return PaliGemmaForConditionalGeneration(self.config)
         if tiny is not None:
             torch.manual_seed(int(tiny.get("seed", 0)))
             model = PaliGemmaForConditionalGeneration(self.config)
