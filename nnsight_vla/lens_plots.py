@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .plots import _save  # one atomic figure writer for every plot module
+
 ACTION_COLOR = "#d62728"
 LANGUAGE_COLOR = "#1f77b4"
 
@@ -31,17 +33,6 @@ def _layer_axis(ax) -> None:
 
     ax.set_xlabel("layer")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def _save(fig, out: str | os.PathLike | None):
-    if out is None:
-        return fig
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix or '.png'}")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, out)
-    return out
 
 
 def _share_table(source: Any):
