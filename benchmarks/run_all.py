@@ -380,8 +380,16 @@ def markdown(summary: dict) -> str:
                          f"{_fmt(r['hook_ms'], '.1f')} | {_fmt(r['steer_ms'], '.1f')} | "
                          f"{_fmt(r['steer_over_hook'], '.3f')} | {_fmt(r['steer_over_plain'], '.3f')} | "
                          f"{_fmt(r['overhead_ms'], '.2f')} |")
-        lines += ["", "Scaling: the overhead is a roughly constant number of milliseconds per call (nnsight's "
-                  "interleaving of the steered modules), so the ratio falls as the model grows (tiny → medium).", ""]
+        scaling = []
+        by = {(r["family"], r["stack"], r["size"]): r for r in st["rows"]}
+        for (family, stack, size), r in sorted(by.items()):
+            tiny = by.get((family, stack, "tiny"))
+            if size != "medium" or not tiny or not tiny["plain_ms"] or not tiny["overhead_ms"]:
+                continue
+            scaling.append(f"{family} {stack}: call ×{r['plain_ms'] / tiny['plain_ms']:.1f}, overhead "
+                           f"×{r['overhead_ms'] / tiny['overhead_ms']:.1f}")
+        lines += ["", "Scaling, tiny → medium: " + "; ".join(scaling) + ". The overhead grows more slowly than the "
+                  "call itself, so the ratio falls as the model grows.", ""]
     ln = summary.get("lens")
     if ln:
         lines += [
@@ -522,7 +530,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         runs = {name: {**r, "ran_now": False} for name, r in
                 ((_load(out / "summary.json") or {}).get("runs", {})).items()}
-    summary = summarize(out, runs, gpu, ran=[] if args.summarize else [n for n in runs if runs[n].get("ran_now")])
+    if args.summarize:
+        # keep "ran by the last run_all" for the files that run produced and nobody has rewritten since
+        previous = _load(out / "summary.json") or {}
+        fresh = summarize(out, runs, gpu)
+        ran = [n for n in previous.get("ran_now", [])
+               if previous.get("sources", {}).get(n, {}).get("measured") == fresh["sources"].get(n, {}).get("measured")]
+    else:
+        ran = [n for n in runs if runs[n].get("ran_now")]
+    summary = summarize(out, runs, gpu, ran=ran)
     _write_json(out / "summary.json", summary)
     _write_text(out / "summary.md", markdown(summary))
     print(f"\nwrote {out / 'summary.json'} and {out / 'summary.md'}")
