@@ -52,6 +52,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 from ..errors import VLAError  # noqa: E402
 from .conditions import Condition, check_unique  # noqa: E402
 from .episodes import Episode, EpisodeKey, EpisodeRecorder, ResultsStore  # noqa: E402
+from .scripted import ScriptedPolicyBase  # noqa: E402
 
 #: the five LIBERO suites and their standard max steps (policy steps, settle steps excluded)
 SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
@@ -677,7 +678,7 @@ def run_episode(
 # -- a policy without a model ---------------------------------------------------------------------------------------
 
 
-class ScriptedPolicy:
+class ScriptedPolicy(ScriptedPolicyBase):
     """A policy with the VLA surface that needs no model: for smoke runs, rehearsals and runner benchmarks.
 
     ``family="openvla"``: one action per call from the agent-view image: a constant translation command
@@ -697,6 +698,7 @@ class ScriptedPolicy:
                  speed: float = 1.0, delay_s: float = 0.0):
         if family not in FAMILY_CAMERAS:
             raise LiberoError(f"ScriptedPolicy family must be one of {', '.join(FAMILY_CAMERAS)}, got {family!r}")
+        super().__init__()
         self.family = family
         self.camera_names = FAMILY_CAMERAS[family]
         self.state_dim = None if family == "openvla" else LIBERO_STATE_DIM
@@ -709,34 +711,13 @@ class ScriptedPolicy:
         self.gain = float(gain)
         self.speed = float(speed)
         self.delay_s = float(delay_s)
-        self.calls = 0
-        self.last_images: dict | None = None
-        self.last_instruction: str | None = None
-        self.last_state: np.ndarray | None = None
-
-    def reset(self) -> None:
-        """Start a new episode (the runner calls this before the first step)."""
-        self.calls = 0
 
     def to_dict(self) -> dict:
         return {"class": "ScriptedPolicy", "family": self.family, "velocity": self.velocity.tolist(),
                 "period": self.period, "target": self.target.tolist(), "gain": self.gain,
                 "horizon": self.action_horizon, "image_size": self.image_size, "speed": self.speed}
 
-    def predict_action(self, images, instruction: str, state=None, **_: Any) -> np.ndarray:
-        if not isinstance(images, Mapping):
-            if len(self.camera_names) != 1:
-                raise VLAError(f"{self.family} needs images for cameras {self.camera_names}")
-            images = {self.camera_names[0]: images}
-        for name in self.camera_names:
-            img = images.get(name)
-            if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-                raise VLAError(f"camera {name!r}: expected an HxWx3 uint8 image, got {getattr(img, 'shape', img)}")
-        if not isinstance(instruction, str) or not instruction:
-            raise VLAError("instruction must be a non-empty string")
-        self.last_images, self.last_instruction = dict(images), instruction
-        if self.delay_s:
-            time.sleep(self.delay_s)
+    def _act(self, state) -> np.ndarray:
         self.calls += 1
         if self.family == "openvla":
             sign = 1.0 if not self.period or ((self.calls - 1) // self.period) % 2 == 0 else -1.0

@@ -56,6 +56,7 @@ import numpy as np
 from ..errors import VLAError
 from .conditions import Condition, baseline, check_unique
 from .episodes import Episode, EpisodeKey, EpisodeRecorder, ResultsStore, _jsonable
+from .scripted import ScriptedPolicyBase
 from .safety import (
     Checked,
     RobotHalted,
@@ -1031,7 +1032,7 @@ class UR5Robot:
 # ----------------------------------------------------------------------------------------------------------
 
 
-class UR5ScriptedPolicy:
+class UR5ScriptedPolicy(ScriptedPolicyBase):
     """A policy with the VLA surface that needs no model: moves the TCP with a constant velocity that reverses
     every ``period`` calls, expressed as the family expects (π0: chunks of joint deltas relative to the observed
     joints, from the UR5 Jacobian; OpenVLA: one TCP delta per call).
@@ -1045,6 +1046,7 @@ class UR5ScriptedPolicy:
         if family not in FAMILY_ACTION_SPACE:
             raise RobotConfigError(
                 f"UR5ScriptedPolicy family must be one of {list(FAMILY_ACTION_SPACE)}, got {family!r}")
+        super().__init__()
         self.family = family
         self.camera_names = ("primary",) if family == "openvla" else ("base", "wrist")
         self.state_dim = None if family == "openvla" else 7
@@ -1058,33 +1060,13 @@ class UR5ScriptedPolicy:
         self.gripper = float(gripper)
         self.delay_s = float(delay_s)
         self.kin = URKinematics(model, tcp_offset)
-        self.calls = 0
-        self.last_images: dict | None = None
-        self.last_state: np.ndarray | None = None
-        self.last_instruction: str | None = None
-
-    def reset(self) -> None:
-        self.calls = 0
 
     def to_dict(self) -> dict:
         return {"class": "UR5ScriptedPolicy", "family": self.family, "velocity": self.velocity.tolist(),
                 "lift": self.lift, "period": self.period, "horizon": self.action_horizon,
                 "action_hz": self.action_hz, "speed": self.speed, "gripper": self.gripper}
 
-    def predict_action(self, images, instruction: str, state=None, **_: Any) -> np.ndarray:
-        if not isinstance(images, Mapping):
-            if len(self.camera_names) != 1:
-                raise VLAError(f"{self.family} needs images for cameras {self.camera_names}")
-            images = {self.camera_names[0]: images}
-        for name in self.camera_names:
-            img = images.get(name)
-            if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-                raise VLAError(f"camera {name!r}: expected an HxWx3 uint8 image, got {getattr(img, 'shape', img)}")
-        if not isinstance(instruction, str) or not instruction:
-            raise VLAError("instruction must be a non-empty string")
-        self.last_images, self.last_instruction = dict(images), instruction
-        if self.delay_s:
-            time.sleep(self.delay_s)
+    def _act(self, state) -> np.ndarray:
         sign = 1.0 if (self.calls // self.period) % 2 == 0 else -1.0
         self.calls += 1
         v = self.velocity * self.speed * sign + np.array([0.0, 0.0, self.lift * self.speed])
