@@ -26,9 +26,9 @@
 # `$NNSIGHT_VLA_TUTORIAL_OUT` (default `tutorials/_out/`).
 
 # %%
+import logging
 import os
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +96,15 @@ with vla.predict_action(image, INSTRUCTION, **KW) as tracer:
 for step, (a, lg) in enumerate(zip(acts, logits)):
     print(f"forward {step}: act {tuple(a.shape)}, next token {int(lg[0, -1].argmax())}")
 assert np.array_equal(traced_action, action)  # reading changes nothing
+
+# %% [markdown]
+# Two things to know about these blocks (nnsight 0.8):
+#
+# * values come out of the block only through `.save()`: a variable first assigned inside the block (say
+#   `acts = [... .save() ...]`, the list itself unsaved) does not exist after it — append to a list created before
+#   the block, as above, or save the list (`acts = list().save()`);
+# * nnsight reads the block's source to run it, so trace in a file, a notebook or an IPython shell; a block typed
+#   into `python -` or `python -c` has no source to read and fails.
 
 # %% [markdown]
 # ## Editing: set chosen neurons to α on every forward
@@ -209,8 +218,6 @@ torch.testing.assert_close(tl_steered, nn_edited, rtol=1e-5, atol=1e-5)
 # For each family: edit neurons of every stack on every forward it runs, and compare with plain pre-hooks.
 
 # %%
-import logging
-
 logging.getLogger("nnsight_vla").setLevel(logging.ERROR)  # silence the tiny π0-FAST's fallback warning
 
 
