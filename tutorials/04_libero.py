@@ -152,7 +152,8 @@ print(steps[["step", "eef_x", "eef_y", "eef_z", "disp", "action_disp", "gripper"
 # is the honest answer for a sweep this small).
 
 # %%
-print(format_rows(success_rates(store), ["task", "condition", "episodes", "successes", "success_rate"]))
+overall = [row for row in success_rates(store) if row["task"] == "all"]
+print(format_rows(overall, ["condition", "episodes", "successes", "success_rate"]))
 rows = compare_conditions(store, "action_disp", level="step", per_task=False)
 print("\naction_disp (step level) vs baseline")
 print(format_rows(rows, ["condition", "n", "mean", "sem", "pct_change", "p_value"]))
@@ -173,11 +174,16 @@ for path in figures:
 assert all(path.stat().st_size > 1000 for path in figures)
 
 # %% [markdown]
-# The same report from the command line (it also writes the figures into `<results>/plots`):
+# All of the above in one call — `report_cli` is what `nnsight-vla libero report RESULTS` runs (it also writes the
+# figures into `<results>/plots` unless `plots=False`):
 #
 # ```bash
 # nnsight-vla libero report tutorials/_out/04_libero/results --metric action_disp
 # ```
+
+# %%
+report_tables = L.report_cli(RESULTS, metric="action_disp", plots=False)
+assert len(report_tables["comparison"]) == 2 * len(conditions)  # task 0 and "all"
 
 # %%
 L.close_envs()  # free the cached simulator of this process
