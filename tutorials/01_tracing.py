@@ -19,7 +19,8 @@
 # All three families (OpenVLA, π0, π0-FAST), on tiny random models of the exact architectures.
 #
 # **Needs:** the core install (`pip install -e .`); offline, no GPU, no simulator.
-# **Time:** ≈ 25 s on 2 CPU cores (most of it imports and building the TransformerLens bridges).
+# **Time:** ≈ 15 s on 2 CPU cores (measured 6–21 s as a script, 14 s as a notebook, depending on the machine's load;
+# most of it imports and building the TransformerLens bridges).
 #
 # Run it as a script (`python tutorials/01_tracing.py`) or as a notebook (`jupytext --to notebook
 # tutorials/01_tracing.py`, or open the file in Jupyter with the jupytext extension). Output goes to

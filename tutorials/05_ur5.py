@@ -20,7 +20,7 @@
 #
 # **Needs:** the robot and simulator extras (`pip install -e ".[robot,sim]"`: `ur_rtde`, MuJoCo, robosuite for the
 # twin's UR5e model), `MUJOCO_GL=egl`. Offline; the twin listens on a free loopback address (127.0.0.x).
-# **Time:** ≈ 40 s on 2 CPU cores (the twin starts in ~5–10 s; five short episodes).
+# **Time:** ≈ 25 s on 2 CPU cores (measured 20–26 s; the twin starts in a few seconds; five short episodes).
 #
 # Nothing here can move a real robot: every connection goes to the twin this notebook starts.
 
