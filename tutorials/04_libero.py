@@ -91,7 +91,7 @@ print(fast, "\n", slow, "\n", control)
 # the condition alone.
 
 # %%
-ALPHAS = (2.0, 8.0)
+ALPHAS = (4.0, 10.0)  # the paper: 4 in its example run, 10 on the real robot
 conditions = sweep_grid(
     concepts={"fast": fast, "slow": slow}, alphas=ALPHAS, layers=("all",),
     controls={"random": control}, prompts=["fast"],
