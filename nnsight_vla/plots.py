@@ -254,15 +254,18 @@ def plot_all(results, out_dir: str | os.PathLike, *, reference: str = "baseline"
     """Every episode figure the results support, saved as PNG in ``out_dir``. Returns the paths."""
     store = _store(results)
     out_dir = Path(out_dir)
-    files = [
-        plot_displacement(store, out_dir / "displacement_action.png", metric="action_disp"),
+    # joint-space runs (pi0 on the UR5) have no translation command: skip the action-unit figures there
+    action = store.steps(columns=["action_disp"]).column("action_disp").to_numpy(zero_copy_only=False)
+    has_action = bool(np.isfinite(np.asarray(action, np.float64)).any())
+    files = [plot_displacement(store, out_dir / "displacement_action.png", metric="action_disp")] if has_action else []
+    files += [
         plot_displacement(store, out_dir / "displacement_eef.png", metric="disp"),
         plot_height(store, out_dir / "height.png"),
     ]
     conds = store.manifest.get("conditions", {}).values()
-    if any(c.get("alpha") is not None for c in conds):
+    if has_action and any(c.get("alpha") is not None for c in conds):
         files.append(plot_alpha_sweep(store, out_dir / "alpha_sweep.png", reference=reference))
-    if any(c.get("layers") is not None for c in conds):
+    if has_action and any(c.get("layers") is not None for c in conds):
         files.append(plot_layer_bars(store, out_dir / "layers_vertical.png", metric="action_dz", reference=reference))
         files.append(plot_layer_bars(store, out_dir / "layers_displacement.png", metric="action_disp",
                                      reference=reference))

@@ -453,3 +453,17 @@ def test_video_frames_are_saved(env, tmp_path):
     assert media.exists()
     files = list(media.iterdir()) if media.is_dir() else [media]
     assert files and all(f.stat().st_size > 0 for f in files)
+
+
+def test_predict_kwargs_reach_every_policy_call_and_define_the_episode():
+    """LiberoConfig.predict_kwargs are passed to predict_action and are part of the recipe (episode identity)."""
+    from nnsight_vla.envs.libero import LiberoConfig, LiberoError
+
+    cfg = LiberoConfig(predict_kwargs={"restrict_to_action_tokens": True})
+    assert cfg.predict_kwargs == (("restrict_to_action_tokens", True),)
+    recipe = L.resolve_recipe(cfg, L._policy_surface(scripted()))
+    assert ("restrict_to_action_tokens", True) in recipe.predict_kwargs
+    plain = L.resolve_recipe(LiberoConfig(), L._policy_surface(scripted()))
+    assert L.identity_config(cfg, recipe, {}) != L.identity_config(LiberoConfig(), plain, {})
+    with pytest.raises(LiberoError, match="unnorm_key"):
+        LiberoConfig(predict_kwargs={"unnorm_key": "libero_10"})

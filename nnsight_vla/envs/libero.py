@@ -134,6 +134,9 @@ class LiberoConfig:
             ``{suite}_no_noops``, when the checkpoint has them, as in the authors' code; else the model default).
         video: keep agent-view frames of every episode (``media/`` in the results folder); video_every: keep
             every k-th frame.
+        predict_kwargs: further keyword arguments of every ``predict_action`` call, e.g.
+            ``{"restrict_to_action_tokens": True}`` for an OpenVLA whose steered logits may prefer a word token
+            (the published decoding maps it to a clipped extreme bin); part of what defines an episode.
     """
 
     suite: str = "libero_10"
@@ -155,10 +158,15 @@ class LiberoConfig:
     unnorm_key: str | None = None
     video: bool = False
     video_every: int = 1
+    predict_kwargs: tuple | Mapping = ()
 
     def __post_init__(self) -> None:
         if self.tasks is not None and not isinstance(self.tasks, tuple):
             object.__setattr__(self, "tasks", tuple(int(t) for t in self.tasks))
+        extra = dict(self.predict_kwargs)
+        if "unnorm_key" in extra:
+            raise LiberoError("pass unnorm_key as LiberoConfig(unnorm_key=...), not in predict_kwargs")
+        object.__setattr__(self, "predict_kwargs", tuple(sorted(extra.items())))
         checks = [
             (isinstance(self.trials, int) and self.trials >= 1, f"trials must be an int >= 1, got {self.trials!r}"),
             (self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 1),
@@ -294,7 +302,7 @@ def resolve_recipe(config: LiberoConfig, surface: Mapping) -> ResolvedRecipe:
         if config.open_loop_steps is not None:
             raise LiberoError(f"open_loop_steps={open_loop} exceeds the model's action horizon {horizon}")
         open_loop = horizon
-    kwargs: dict = {}
+    kwargs: dict = dict(config.predict_kwargs)
     keys = surface.get("norm_keys")
     if config.unnorm_key is not None:
         if keys is not None and config.unnorm_key not in keys:
@@ -1463,13 +1471,15 @@ def run_cli(
     ray_address: str | None = None,
     policy_server: bool = False,
     video: bool = False,
+    restrict_to_action_tokens: bool = False,
     progress: bool = True,
 ) -> SweepReport:
     """``nnsight-vla libero run``: run a sweep of conditions in LIBERO and write the results folder.
 
     The policy is ``--checkpoint PATH`` (``nnsight_vla.load``), ``--tiny`` (a random tiny model) or
     ``--scripted`` (no model); conditions come from ``--conditions FILE`` plus ``--prompt WORD`` baselines and
-    the baseline (unless ``--no-baseline``).
+    the baseline (unless ``--no-baseline``). ``--restrict-to-action-tokens`` makes an OpenVLA pick the best action
+    token at each step (the published decoding maps a word token to a clipped extreme bin).
     """
     from .conditions import baseline as make_baseline, prompt_baseline
 
@@ -1488,7 +1498,8 @@ def run_cli(
     conds.extend(prompt_baseline(w) for w in (prompt or []))
     cfg = LiberoConfig(suite=suite, tasks=parse_task_range(tasks), trials=trials, seed=seed, max_steps=max_steps,
                        settle_steps=settle_steps, camera_size=camera_size, offsamples=offsamples,
-                       hard_reset=hard_reset, open_loop_steps=open_loop_steps, video=video)
+                       hard_reset=hard_reset, open_loop_steps=open_loop_steps, video=video,
+                       predict_kwargs={"restrict_to_action_tokens": True} if restrict_to_action_tokens else ())
     report = run_sweep(spec, conds, cfg, results, workers=workers, backend=backend, ray_address=ray_address,
                        policy_server=policy_server, progress=progress)
     print(report)
