@@ -141,10 +141,7 @@ def gpu_figures(device: str = "cuda", families=("openvla", "pi0", "pi0-fast"), r
     ``device``/``sizes``/``dtype`` exist so the code path can be smoke-tested on a CPU with tiny models; the
     figures mean something only on a GPU.
     """
-    import contextlib
     import logging
-
-    import torch
 
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(ROOT))
@@ -153,8 +150,22 @@ def gpu_figures(device: str = "cuda", families=("openvla", "pi0", "pi0-fast"), r
     import nnsight_vla as nv
     from nnsight_vla.steering import Steering
 
-    logging.getLogger("nnsight_vla").setLevel(logging.ERROR)
-    sizes = GPU_MEDIUM if sizes is None else sizes
+    # random pi0-FAST outputs never decode: silence that warning here only, and give the level back afterwards
+    # (this function also runs inside the test process)
+    package_logger = logging.getLogger("nnsight_vla")
+    level = package_logger.level
+    package_logger.setLevel(logging.ERROR)
+    try:
+        return _gpu_figures(device, families, reps, GPU_MEDIUM if sizes is None else sizes, dtype, bs, nv, Steering)
+    finally:
+        package_logger.setLevel(level)
+
+
+def _gpu_figures(device, families, reps, sizes, dtype, bs, nv, Steering) -> dict:
+    import contextlib
+
+    import torch
+
     cuda = torch.device(device).type == "cuda"
     out: dict = {"device": torch.cuda.get_device_name(device) if cuda else device, "dtype": dtype, "reps": reps,
                  "torch": torch.__version__, "families": {}}

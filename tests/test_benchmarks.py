@@ -74,7 +74,11 @@ def test_summarize_command_writes_both_files(tmp_path):
 
 def test_gpu_branch_code_path_on_cpu():
     """The GPU figures' code path, exercised on the CPU with a tiny model (the figures mean nothing here)."""
+    import logging
+
+    level = logging.getLogger("nnsight_vla").level
     out = run_all.gpu_figures(device="cpu", families=("openvla",), reps=2, sizes={}, dtype="float32")
+    assert logging.getLogger("nnsight_vla").level == level  # it silences the package's warnings only while it runs
     entry = out["families"]["openvla"]["backbone"]
     assert set(entry["median_ms"]) == {"plain", "hook", "steer", "edit"}
     assert all(math.isfinite(v) and v > 0 for v in entry["median_ms"].values())
