@@ -219,8 +219,9 @@ class NeuronSet:
                              num_layers=data.get("num_layers"), name=data.get("name", ""))
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write JSON (``.json``) or YAML (``.yaml``/``.yml``) atomically."""
+        """Write JSON (``.json``) or YAML (``.yaml``/``.yml``) atomically (missing parent folders are made)."""
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix in (".yaml", ".yml"):
             import yaml
 

@@ -236,7 +236,7 @@ def test_checkpoint_round_trip(vla, cams, tmp_path):
     assert loaded.action_tokenizer.encode(chunk) == vla.action_tokenizer.encode(chunk)
 
 
-def test_fast_tokenizer_folder_options(vla, tmp_path):
+def test_fast_tokenizer_folder_options(vla, tmp_path, monkeypatch):
     vla.save_pretrained(tmp_path / "ck")
     moved = tmp_path / "fast"
     shutil.move(str(tmp_path / "ck" / "fast_tokenizer"), moved)
@@ -244,6 +244,10 @@ def test_fast_tokenizer_folder_options(vla, tmp_path):
         nv.load("pi0-fast", str(tmp_path / "ck"))
     loaded = nv.load("pi0-fast", str(tmp_path / "ck"), fast_tokenizer=str(moved))
     assert loaded.action_horizon == 8
+    # a relative folder travels in the model key as an absolute path (a server's working folder differs)
+    monkeypatch.chdir(tmp_path)
+    relative = nv.load("pi0-fast", "ck", fast_tokenizer="fast")
+    assert str(moved.resolve()) in relative.model_key and '"fast"' not in relative.model_key
     # a universal FAST tokenizer leaves the chunk shape open: it must be given
     config = json.loads((moved / "processor_config.json").read_text())
     config.update(time_horizon=None, action_dim=None)

@@ -172,7 +172,9 @@ class PI0Fast(VLA):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
         self.family_options = {
-            "fast_tokenizer": None if fast_tokenizer is None else str(fast_tokenizer),
+            # a local folder travels in the model key as an absolute path (a server's working folder differs)
+            "fast_tokenizer": None if fast_tokenizer is None else (
+                str(Path(fast_tokenizer).resolve()) if Path(str(fast_tokenizer)).is_dir() else str(fast_tokenizer)),
             "action_horizon": action_horizon,
             "action_dim": action_dim,
             "camera_names": None if camera_names is None else list(self.camera_names),
