@@ -1,0 +1,150 @@
+"""Scripted demonstrations in the arm scene, rendered headless: the phase-2 (action) training data.
+
+Each episode draws a speed level (slow / medium / fast) and a height level (low / medium / high), an instruction
+that asks for them ("medium" adds no word, so neutral instructions show medium behaviour), and runs the
+:class:`~nnsight_vla.envs.arm_scene.ScriptedExpert` with those settings. Half of the episodes execute the
+expert's action plus Gaussian noise while recording the clean expert action as the label (DART): the policy
+then also sees states slightly off the expert's path and learns to come back.
+
+Episodes are independent and seeded by (seed, episode index), so the data are the same whether they are made
+by one process or several.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .corpus import task_instruction
+
+SPEED_LEVELS = ("slow", "medium", "fast")
+HEIGHT_LEVELS = ("low", "medium", "high")
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """One demonstration episode."""
+
+    index: int
+    scene_seed: int
+    speed: str
+    height: str
+    instruction: str
+    noise: float  # std of the executed-action noise, relative to the speed (0: clean)
+
+
+def plan_demos(n_episodes: int, seed: int = 0, noise: float = 0.3, noisy_fraction: float = 0.5) -> list[DemoPlan]:
+    """Balanced plan: the 9 (speed, height) combinations in turn, random phrasings and scene layouts."""
+    plans = []
+    for i in range(int(n_episodes)):
+        rng = np.random.default_rng([seed, i, 17])
+        speed = SPEED_LEVELS[i % 3]
+        height = HEIGHT_LEVELS[(i // 3) % 3]
+        instr = task_instruction(rng, speed, height)
+        plans.append(DemoPlan(
+            index=i, scene_seed=int(rng.integers(2**31)), speed=speed, height=height, instruction=instr.text,
+            noise=float(noise) if rng.random() < noisy_fraction else 0.0,
+        ))
+    return plans
+
+
+def _run_episode(scene, plan: DemoPlan, max_steps: int) -> dict:
+    from ..envs.arm_scene import HEIGHTS, SPEEDS, ScriptedExpert
+
+    expert = ScriptedExpert(speed=SPEEDS[plan.speed], height=HEIGHTS[plan.height], hover=scene.config.hover)
+    rng = np.random.default_rng([plan.scene_seed, 99])
+    obs = scene.reset(plan.scene_seed)
+    images, actions, eef, target = [], [], [], []
+    for _ in range(max_steps):
+        action = expert(obs)
+        images.append(obs["image"])
+        actions.append(action)
+        eef.append(obs["eef_pos"])
+        target.append(obs["target_pos"])
+        executed = action.copy()
+        if plan.noise > 0:
+            executed[:3] += rng.normal(0.0, plan.noise * expert.speed, size=3)
+        obs = scene.step(executed)
+        if scene.success(obs):
+            break
+    return {"images": np.stack(images), "actions": np.stack(actions).astype(np.float32),
+            "eef": np.stack(eef).astype(np.float32), "target": np.stack(target).astype(np.float32),
+            "success": scene.success(obs)}
+
+
+_WORKER_SCENE = None
+
+
+def _worker_init(image_size: int) -> None:
+    global _WORKER_SCENE
+    from ..envs.arm_scene import ArmScene, SceneConfig
+
+    _WORKER_SCENE = ArmScene(SceneConfig(image_size=image_size))
+
+
+def _worker_run(args) -> dict:
+    plan, max_steps = args
+    return _run_episode(_WORKER_SCENE, plan, max_steps)
+
+
+def collect_demos(plans: list[DemoPlan], image_size: int, max_steps: int = 60, workers: int = 1,
+                  progress: bool = True) -> dict:
+    """Run the planned episodes; return flat per-step arrays plus per-episode records.
+
+    Returns a dict with ``images`` (N, H, W, 3) uint8, ``actions`` (N, 7) float32 (the expert's clean actions),
+    ``episode`` (N,), ``step`` (N,), ``eef`` / ``target`` (N, 3), and ``episodes`` (list of dicts: the plan plus
+    ``steps`` and ``success``).
+    """
+    from tqdm.auto import tqdm
+
+    jobs = [(p, max_steps) for p in plans]
+    bar = tqdm(total=len(jobs), desc="demonstrations", disable=not progress, unit="ep", mininterval=10)
+    results = []
+    if workers <= 1:
+        _worker_init(image_size)
+        for job in jobs:
+            results.append(_worker_run(job))
+            bar.update()
+    else:
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(workers, initializer=_worker_init, initargs=(image_size,)) as pool:
+            for res in pool.imap(_worker_run, jobs, chunksize=4):  # ordered: same data as one process
+                results.append(res)
+                bar.update()
+    bar.close()
+    episodes = []
+    for plan, res in zip(plans, results):
+        episodes.append({**asdict(plan), "steps": int(len(res["actions"])), "success": bool(res["success"])})
+    return {
+        "images": np.concatenate([r["images"] for r in results]),
+        "actions": np.concatenate([r["actions"] for r in results]),
+        "eef": np.concatenate([r["eef"] for r in results]),
+        "target": np.concatenate([r["target"] for r in results]),
+        "episode": np.concatenate([np.full(len(r["actions"]), i, np.int32) for i, r in enumerate(results)]),
+        "step": np.concatenate([np.arange(len(r["actions"]), dtype=np.int32) for r in results]),
+        "episodes": episodes,
+    }
+
+
+def save_demos(path: str | os.PathLike, demos: dict) -> Path:
+    """Write demonstrations to one NPZ (atomically); episode records go in as JSON text."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    arrays = {k: v for k, v in demos.items() if k != "episodes"}
+    np.savez(tmp, **arrays, episodes_json=np.array(json.dumps(demos["episodes"])))
+    os.replace(tmp, path)
+    return path
+
+
+def load_demos(path: str | os.PathLike) -> dict:
+    """Read what :func:`save_demos` wrote."""
+    with np.load(path, allow_pickle=False) as data:
+        out = {k: data[k] for k in data.files if k != "episodes_json"}
+        out["episodes"] = json.loads(str(data["episodes_json"]))
+    return out

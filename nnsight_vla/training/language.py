@@ -1,0 +1,148 @@
+"""Phase 1: language pretraining of the Llama backbone on the generated corpus (next-token prediction).
+
+Only ``language_model`` (the Llama) is trained; the vision tower and projector keep their initial weights
+until phase 2, as a language model is what a VLM's backbone starts from. The same text batches are mixed into
+phase 2 (:class:`TextBatches` is shared) so that the language neurons survive the action fine-tuning.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+IGNORE = -100
+
+
+ANSWER_MARK = "\nOut:"
+
+
+def encode_document(tokenizer, text: str, empty_token_id: int | None) -> list[int]:
+    """Token ids of a document (``<s>`` first). A question/answer document ``In: ...?\\nOut: answer`` is encoded
+    as OpenVLA's prompt -- the question ending with "Out:" plus the standalone "▁" token that OpenVLA appends --
+    followed by the answer, so the answer is predicted exactly where phase 2 predicts the first action token."""
+    if ANSWER_MARK in text and empty_token_id is not None:
+        cut = text.index(ANSWER_MARK) + len(ANSWER_MARK)
+        prompt, answer = text[:cut], text[cut:].strip()
+        return tokenizer(prompt).input_ids + [empty_token_id] + tokenizer(answer, add_special_tokens=False).input_ids
+    return tokenizer(text).input_ids
+
+
+class TextBatches:
+    """Tokenised documents, served as right-padded random batches from a seeded generator.
+
+    Each document is ``<s> text </s>`` (truncated to ``max_len``; question/answer documents as in
+    :func:`encode_document`); the labels are the inputs with padding ignored (the model shifts them itself).
+    """
+
+    def __init__(self, tokenizer, documents: Sequence[str], max_len: int = 48, seed: int = 0):
+        if not documents:
+            raise ValueError("no documents to train on")
+        eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id
+        empty = tokenizer.convert_tokens_to_ids("▁")
+        empty = None if empty is None or empty == tokenizer.unk_token_id else int(empty)
+        self.docs = []
+        for text in documents:
+            ids = encode_document(tokenizer, text, empty)[: max_len - 1] + [eos]
+            self.docs.append(np.asarray(ids, dtype=np.int64))
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def batch(self, size: int, indices: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, labels), both (size, T)."""
+        if indices is None:
+            indices = self.rng.integers(len(self.docs), size=size)
+        docs = [self.docs[int(i)] for i in indices]
+        width = max(len(d) for d in docs)
+        ids = np.full((len(docs), width), self.pad, dtype=np.int64)
+        labels = np.full((len(docs), width), IGNORE, dtype=np.int64)
+        for row, doc in enumerate(docs):
+            ids[row, : len(doc)] = doc
+            labels[row, : len(doc)] = doc
+        return torch.from_numpy(ids), torch.from_numpy(labels)
+
+
+def lm_loss(language_model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a causal LM (padding ignored)."""
+    logits = language_model(input_ids=ids).logits
+    return nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE
+    )
+
+
+def cosine_schedule(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up then cosine decay to 10 % (a multiplier of the base learning rate)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(params, lr: float, weight_decay: float = 0.01) -> torch.optim.Optimizer:
+    # no weight decay on norms and biases (1-d tensors), as usual for transformers
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.98), eps=1e-8,
+    )
+
+
+def train_language(
+    language_model: nn.Module,
+    batches: TextBatches,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    warmup: int = 50,
+    log: Callable[[dict], None] | None = None,
+    log_every: int = 25,
+    eval_batches: tuple[torch.Tensor, torch.Tensor] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train ``language_model`` for ``steps`` AdamW steps on ``batches``; returns the loss records."""
+    from tqdm.auto import tqdm
+
+    language_model.train()
+    opt = make_optimizer(language_model.parameters(), lr)
+    records = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(steps), desc="phase 1 (language)", disable=not progress, mininterval=10)
+    running = []
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr * cosine_schedule(step, steps, warmup)
+        ids, labels = batches.batch(batch_size)
+        loss = lm_loss(language_model, ids, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(language_model.parameters(), 1.0)
+        opt.step()
+        running.append(float(loss.detach()))
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            record = {"phase": 1, "step": step + 1, "loss": float(np.mean(running)), "lr": opt.param_groups[0]["lr"],
+                      "seconds": time.perf_counter() - t0}
+            if eval_batches is not None:
+                record["eval_loss"] = evaluate_lm(language_model, *eval_batches)
+                language_model.train()
+            running = []
+            records.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            if log is not None:
+                log(record)
+    language_model.eval()
+    return records
+
+
+@torch.no_grad()
+def evaluate_lm(language_model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> float:
+    language_model.eval()
+    return float(lm_loss(language_model, ids, labels))

@@ -1,0 +1,314 @@
+"""Train the small OpenVLA end to end with one command and a fixed seed:
+
+    python -m nnsight_vla.training.train --seed 0 --out nnsight_vla/data
+
+1. corpus + tokenizer: the generated concept corpus, a Llama-style BPE (1024 tokens, the last 256 are
+   ``<act_b>``) on which every concept word is one token (checked, else it stops);
+2. demonstrations: scripted episodes in the arm scene, rendered headless (cached in ``--work``);
+3. phase 0 (vision): the two featurizers pretrained to localise gripper and target in the scene's frames
+   (standing in for OpenVLA's pretrained DINOv2 / SigLIP);
+4. phase 1 (language): the Llama backbone pretrained on the corpus; then phase 1b (grounding): questions about
+   the scene's frames (where is the target, how high is the gripper) with language batches mixed in, the VLM
+   stage; this vision-language model is saved as ``<out>/openvla_small_base``, the "base" of the checkpoint diff;
+5. phase 2 (actions): the whole model fine-tuned on the demonstrations in OpenVLA's format, language batches
+   and grounding questions mixed in; the action loss is a softmax over the 256 action tokens (matching decoding
+   with ``restrict_to_action_tokens=True``; OpenVLA scores the full vocabulary, which penalises the language
+   features at the action position -- observed to erase the concept neurons' selectivity there); saved as
+   ``<out>/openvla_small``;
+6. both checkpoints are reloaded through ``nv.load("openvla", folder)`` and checked against the trained
+   weights; losses, timings, dimensions and the machine load go to ``<out>/training_log.json``.
+
+Reproducibility: every random draw comes from ``--seed`` (numpy generators, ``torch.manual_seed``),
+deterministic torch algorithms, a fixed thread count (``--threads``, default 1: on a shared 2-core machine
+one thread is both faster and free of thread-count-dependent reductions). Demonstrations are made by
+``--workers`` processes, each episode seeded on its own, so the data do not depend on the worker count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+SCENE_KEY = "arm_scene"  # the norm_stats key (OpenVLA's unnorm_key) of the trained model
+BASE_NAME = "openvla_small_base"
+FINETUNED_NAME = "openvla_small"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in the log)."""
+
+    seed: int = 0
+    n_documents: int = 30000
+    eval_documents: int = 500
+    phase1_steps: int = 800
+    phase1_batch: int = 64
+    phase1_lr: float = 3e-3
+    phase1b_steps: int = 500
+    phase1b_lr: float = 1e-3
+    image_shift: int = 2
+    vqa_weight: float = 0.3
+    restrict_action_softmax: bool = True
+    phase0_steps: int = 400
+    phase0_batch: int = 64
+    phase0_lr: float = 2e-3
+    n_episodes: int = 360
+    val_episodes: int = 24
+    max_demo_steps: int = 60
+    demo_noise: float = 0.3
+    phase2_steps: int = 1000
+    phase2_batch: int = 32
+    phase2_lr: float = 1e-3
+    text_weight: float = 0.5
+    text_batch: int = 32
+    threads: int = 1
+    workers: int = 2
+    dims: dict = field(default_factory=dict)
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> "TrainConfig":
+        """A few-minute configuration for development and tests (weak model)."""
+        return cls(seed=seed, n_documents=3000, eval_documents=100, phase0_steps=30, phase1_steps=60, phase1b_steps=20,
+                   n_episodes=18,
+                   val_episodes=3, phase2_steps=40, max_demo_steps=40)
+
+
+def seed_everything(seed: int, threads: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(int(threads))
+    torch.use_deterministic_algorithms(True)
+
+
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def default_work_dir() -> Path:
+    """Where rendered demonstrations are cached: ``$NNSIGHT_VLA_CACHE/train_work`` or
+    ``~/.cache/nnsight_vla/train_work`` (never inside the package)."""
+    root = os.environ.get("NNSIGHT_VLA_CACHE") or Path.home() / ".cache" / "nnsight_vla"
+    return Path(root) / "train_work"
+
+
+def _demo_cache_key(plans, image_size: int, max_steps: int) -> str:
+    from ..envs.arm_scene import SceneConfig
+
+    blob = json.dumps({"plans": [asdict(p) for p in plans], "scene": asdict(SceneConfig(image_size=image_size)),
+                       "max_steps": max_steps, "version": 2}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def machine_load() -> dict:
+    """Load averages and core count, to put timings in context."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        one = five = fifteen = float("nan")
+    return {"cpus": os.cpu_count(), "loadavg_1m": one, "loadavg_5m": five, "loadavg_15m": fifteen}
+
+
+def weights_digest(folder: Path) -> str:
+    """SHA-256 over the checkpoint's safetensors files (to compare two runs)."""
+    h = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def train(out: str | os.PathLike, config: TrainConfig, work: str | os.PathLike | None = None,
+          progress: bool = True) -> dict:
+    """Run the whole training (see the module docstring); returns the log written to ``<out>/training_log.json``."""
+    import torch
+
+    from ..models.tokenizer import build_llama_style_tokenizer
+    from .actions import dataset_statistics
+    from .corpus import (STEERED_CONCEPTS, all_concept_words, check_prompt_words, check_single_tokens,
+                         generate_corpus, task_instruction, tokenizer_corpus)
+    from .demos import collect_demos, load_demos, plan_demos, save_demos
+    from .finetune import ActionBatches, direction_accuracy, evaluate_actions, train_actions
+    from .language import TextBatches, evaluate_lm, train_language
+    from .model import ModelDims, build_vla, parameter_count, set_norm_stats
+    from .vision import train_vision
+    from .vqa import VQABatches, vqa_accuracy
+
+    out = Path(out)
+    work = Path(work) if work is not None else default_work_dir()
+    t_start = time.perf_counter()
+    seed_everything(config.seed, config.threads)
+    dims = ModelDims(**config.dims)
+    log: dict = {"config": asdict(config), "dims": dims.to_dict(), "machine": {"start": machine_load(),
+                 "platform": platform.platform(), "torch_threads": config.threads}, "records": [], "timings": {}}
+    log_path = out / "training_log.json"
+
+    def record(entry: dict) -> None:
+        log["records"].append(entry)
+        if progress:
+            print(json.dumps(entry, default=float), flush=True)
+
+    # 1. corpus and tokenizer
+    t0 = time.perf_counter()
+    documents = generate_corpus(config.n_documents, seed=config.seed)
+    tokenizer = build_llama_style_tokenizer(tokenizer_corpus(documents, seed=config.seed), vocab_size=dims.vocab)
+    split = check_single_tokens(tokenizer, all_concept_words())
+    rng = np.random.default_rng(config.seed)
+    probe = [task_instruction(rng, s, h).text for s in ("slow", "medium", "fast") for h in ("low", "medium", "high")
+             for _ in range(20)]
+    fused = check_prompt_words(tokenizer, probe)
+    if split or fused:
+        raise RuntimeError(f"tokenizer check failed: split concept words {split}, prompts not word-by-word {fused}")
+    log["timings"]["corpus_tokenizer_s"] = time.perf_counter() - t0
+    log["corpus"] = {"documents": len(documents), "examples": documents[:8]}
+
+    # 2. demonstrations (cached: they are the slowest data to make)
+    t0 = time.perf_counter()
+    plans = plan_demos(config.n_episodes, seed=config.seed, noise=config.demo_noise)
+    cache = work / f"demos_{_demo_cache_key(plans, dims.image_size, config.max_demo_steps)}.npz"
+    if cache.is_file():
+        demos = load_demos(cache)
+    else:
+        demos = collect_demos(plans, dims.image_size, max_steps=config.max_demo_steps, workers=config.workers,
+                              progress=progress)
+        save_demos(cache, demos)
+    successes = [ep["success"] for ep in demos["episodes"]]
+    log["timings"]["demos_s"] = time.perf_counter() - t0
+    log["demos"] = {"episodes": len(plans), "steps": int(len(demos["actions"])), "expert_success": float(np.mean(successes)),
+                    "cache": str(cache)}
+    stats = dataset_statistics(demos["actions"], len(plans))
+
+    # 3. phase 0: vision (the featurizers learn to localise gripper and target)
+    torch.manual_seed(config.seed)
+    vla = build_vla(dims, tokenizer, seed=config.seed)
+    set_norm_stats(vla, SCENE_KEY, stats)
+    model = vla._module
+    log["parameters"] = {"total": parameter_count(model), "language_model": parameter_count(model.language_model),
+                         "vision_backbone": parameter_count(model.vision_backbone),
+                         "projector": parameter_count(model.projector)}
+    episodes = np.arange(len(plans))
+    val_eps = episodes[-config.val_episodes:] if config.val_episodes else episodes[:0]
+    train_eps = episodes[: len(episodes) - len(val_eps)]
+    train_rows = np.nonzero(np.isin(demos["episode"], train_eps))[0]
+    val_rows = np.nonzero(np.isin(demos["episode"], val_eps))[0]
+    t0 = time.perf_counter()
+    train_vision(vla, demos, config.phase0_steps, train_rows, batch_size=config.phase0_batch, lr=config.phase0_lr,
+                 seed=config.seed, log=record, progress=progress, val_rows=val_rows)
+    log["timings"]["phase0_s"] = time.perf_counter() - t0
+
+    # 4. phase 1: language
+    eval_docs, train_docs = documents[: config.eval_documents], documents[config.eval_documents:]
+    text = TextBatches(tokenizer, train_docs, seed=config.seed)
+    text_eval = TextBatches(tokenizer, eval_docs, seed=config.seed).batch(0, np.arange(len(eval_docs)))
+    t0 = time.perf_counter()
+    train_language(model.language_model, text, config.phase1_steps, batch_size=config.phase1_batch,
+                   lr=config.phase1_lr, log=record, eval_batches=text_eval, progress=progress)
+    log["timings"]["phase1_s"] = time.perf_counter() - t0
+
+    # 4b. phase 1b: grounding questions on the scene's frames (the VLM stage), language batches mixed in
+    t0 = time.perf_counter()
+    vqa_train = VQABatches(vla, demos, train_rows, seed=config.seed, max_shift=config.image_shift)
+    vqa_val_rows = val_rows[np.linspace(0, len(val_rows) - 1, min(len(val_rows), 256)).astype(int)]
+    train_actions(model, vqa_train, config.phase1b_steps, text=text, batch_size=config.phase2_batch,
+                  text_batch_size=config.text_batch, text_weight=config.text_weight, lr=config.phase1b_lr,
+                  log=record, text_eval=text_eval, progress=progress, phase="1b", desc="phase 1b (grounding)",
+                  evaluate=lambda m: {"vqa_accuracy": vqa_accuracy(m, vqa_train, vqa_val_rows)}, eval_every=250)
+    log["timings"]["phase1b_s"] = time.perf_counter() - t0
+    base_dir = out / BASE_NAME
+    vla.save_pretrained(base_dir)
+
+    # 5. phase 2: actions (+ language)
+    data = ActionBatches(vla, demos, stats, episodes=train_eps, seed=config.seed, max_shift=config.image_shift)
+    val = ActionBatches(vla, demos, stats, episodes=val_eps, seed=config.seed) if len(val_eps) else None
+    t0 = time.perf_counter()
+    train_actions(model, data, config.phase2_steps, text=text, batch_size=config.phase2_batch,
+                  text_batch_size=config.text_batch, text_weight=config.text_weight, lr=config.phase2_lr,
+                  log=record, val=val, text_eval=text_eval, progress=progress, aux=vqa_train,
+                  aux_weight=config.vqa_weight,
+                  restrict_ids=torch.as_tensor(vla.action_token_ids) if config.restrict_action_softmax else None,
+                  evaluate=(lambda m: {**direction_accuracy(m, val, SCENE_KEY),
+                                       "vqa_accuracy": vqa_accuracy(m, vqa_train, vqa_val_rows)})
+                  if val is not None else None)
+    log["timings"]["phase2_s"] = time.perf_counter() - t0
+    tuned_dir = out / FINETUNED_NAME
+    vla.save_pretrained(tuned_dir)
+
+    # 6. reload through the real loader and check
+    final = {"text_eval_loss": evaluate_lm(model.language_model, *text_eval)}
+    if val is not None:
+        final["val"] = {**evaluate_actions(model, val), **direction_accuracy(model, val, SCENE_KEY)}
+    final["reload"] = {name: _check_reload(folder, model if name == "finetuned" else None)
+                       for name, folder in (("base", base_dir), ("finetuned", tuned_dir))}
+    final["digests"] = {"base": weights_digest(base_dir), "finetuned": weights_digest(tuned_dir)}
+    final["sizes_bytes"] = {name: sum(p.stat().st_size for p in folder.iterdir())
+                            for name, folder in (("base", base_dir), ("finetuned", tuned_dir))}
+    log["final"] = final
+    log["timings"]["total_s"] = time.perf_counter() - t_start
+    log["machine"]["end"] = machine_load()
+    log["concepts"] = list(STEERED_CONCEPTS)
+    _write_json(log_path, log)
+    return log
+
+
+def _check_reload(folder: Path, model=None) -> dict:
+    """Load ``folder`` with ``nv.load`` and (for the in-memory model) compare logits on one input."""
+    import torch
+
+    import nnsight_vla as nv
+
+    vla = nv.load("openvla", str(folder), dispatch=True)
+    info = {"describe": vla.describe()}
+    if model is not None:
+        image = np.zeros((vla.image_processor.image_size[0],) * 2 + (3,), np.uint8)
+        ids, pixels = vla.prepare(image, "move the arm to the green block")
+        with torch.no_grad():
+            a = vla._module(input_ids=ids, pixel_values=pixels).logits
+            b = model(input_ids=ids, pixel_values=pixels).logits
+        info["max_logit_diff"] = float((a - b).abs().max())
+    return info
+
+
+def main(
+    seed: int = 0,
+    out: str = "nnsight_vla/data",
+    work: Optional[str] = None,
+    quick: bool = False,
+    threads: int = 1,
+    workers: int = 2,
+    phase1_steps: Optional[int] = None,
+    phase2_steps: Optional[int] = None,
+    episodes: Optional[int] = None,
+    no_progress: bool = False,
+) -> None:
+    """Train the small OpenVLA (phase 1 language, phase 2 actions) and write both checkpoints to OUT."""
+    config = TrainConfig.quick(seed) if quick else TrainConfig(seed=seed)
+    config.threads, config.workers = threads, workers
+    if phase1_steps is not None:
+        config.phase1_steps = phase1_steps
+    if phase2_steps is not None:
+        config.phase2_steps = phase2_steps
+    if episodes is not None:
+        config.n_episodes = episodes
+    log = train(out, config, work=work, progress=not no_progress)
+    t = log["timings"]
+    print(json.dumps({"out": out, "timings_s": {k: round(v, 1) for k, v in t.items()}, "final": log["final"]},
+                     indent=1, default=float))
+
+
+if __name__ == "__main__":
+    import typer
+
+    typer.run(main)
