@@ -58,13 +58,19 @@ def info(
 
 @app.command()
 def demo(
-    seed: int = typer.Option(0, help="seed of the synthetic scene"),
-    out: str = typer.Option("results/demo", help="folder for the demo's tables and plots"),
+    seed: int = typer.Option(0, help="first scene seed and the random control's seed"),
+    out: str = typer.Option("results/demo", help="folder for the demo's tables, episodes and plots"),
+    trials: int = typer.Option(4, min=1, help="episodes per condition"),
+    max_steps: int = typer.Option(30, min=1, help="policy steps per episode"),
+    alpha: Optional[float] = typer.Option(None, help="value written into the concept neurons (default: 10)"),
+    model: Optional[str] = typer.Option(None, help="a fine-tuned checkpoint folder (default: the shipped model)"),
+    no_progress: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """The whole pipeline on the shipped small VLA: lens, concept discovery, steered vs unsteered rollouts, plots."""
     from .demo import run_demo
 
-    run_demo(seed=seed)
+    run_demo(seed=seed, out=out, trials=trials, max_steps=max_steps, alpha=alpha, model=model,
+             progress=not no_progress)
 
 
 _mount(app, "lens", "nnsight_vla.lens", "lens_cli", "Value-vector lens: top tokens per vector, action-token share per layer.")
