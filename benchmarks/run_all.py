@@ -190,7 +190,7 @@ def _gpu_figures(device, families, reps, sizes, dtype, bs, nv, Steering) -> dict
             entry[stack] = {"median_ms": timing["median_ms"], "paired_ratios": timing["paired_ratios"],
                             "overhead_ms": timing["overhead_ms"], **memory}
         out["families"][family] = entry
-        del vla
+        vla = None  # free the model before the next family (the lambda above is done with it)
         if cuda:
             torch.cuda.empty_cache()
     return out

@@ -8,7 +8,6 @@ as PNG (or any suffix matplotlib knows). Each function returns the saved path, o
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -50,7 +50,7 @@ from typing import Any, Mapping
 
 import numpy as np
 from nnsight.intervention.backends.remote import RemoteBackend, RemoteError
-from nnsight.schema.response import ResponseModel, Status
+from nnsight.schema.response import ResponseModel
 from nnsight.tracing.backend import Backend
 
 from .errors import CheckpointError, InputError
