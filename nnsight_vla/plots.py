@@ -189,18 +189,25 @@ def plot_alpha_sweep(
         group = (c.get("concept") or name, c.get("layers") or "", c.get("kind") or "")
         curves.setdefault(group, []).append((float(c["alpha"]), mean, sem))
     fig, (ax,) = _figure(1, width=6.0)
+    # one colour per concept (a control shares its concept's colour, dashed), one marker per layer subset: more
+    # curves than a colour cycle has would otherwise repeat colours
+    concepts = sorted({concept for concept, _, _ in curves})
+    palette = {c: f"C{i % 10}" for i, c in enumerate(concepts)}
+    markers = {"all": "o", "early": "s", "late": "^"}
     for (concept, layers, kind), points in sorted(curves.items()):
         points.sort()
         a, m, s = (np.asarray(v) for v in zip(*points))
-        style = "--" if kind == "control" else "-"
-        ax.errorbar(a, m, yerr=s, fmt="o" + style, ms=4, capsize=2, label=f"{concept} / {layers}".rstrip(" /"))
+        control = kind == "control"
+        label = ("random " if control and not concept.startswith("random") else "") + f"{concept} / {layers}"
+        ax.errorbar(a, m, yerr=s, fmt=markers.get(layers, "D") + ("--" if control else "-"), ms=4, capsize=2,
+                    color=palette[concept], alpha=0.55 if control else 1.0, label=label.rstrip(" /"))
     if reference in means:
         ax.axhline(means[reference][0], color="k", ls=":", lw=1, label=reference)
     ax.set_xlabel("alpha (activation value written)")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     _title(ax, "alpha sweep", task)
     if curves or reference in means:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: the curves stay visible
     return _save(fig, out)
 
 
