@@ -41,6 +41,31 @@ def _figure(ncols: int = 1, width: float = 5.5, height: float = 4.0):
     return fig, axes
 
 
+def _styles(n: int) -> list[dict]:
+    """Distinct line styles for ``n`` conditions: the default colour cycle up to 10, then tab20 colours crossed
+    with dash patterns (a sweep has dozens of conditions; repeated colours would make curves indistinguishable)."""
+    if n <= 10:
+        return [{"color": f"C{i}"} for i in range(n)]
+    from matplotlib import colormaps
+
+    tab20 = colormaps["tab20"]
+    return [{"color": tab20(i % 20), "ls": ("-", "--", ":", "-.")[(i // 20) % 4]} for i in range(n)]
+
+
+def _legend(fig, axes, n: int) -> None:
+    """Legend inside the axes for a few conditions; for many, one legend outside on the right (inside, it would
+    cover the curves and squeeze the axes to nothing)."""
+    if n == 0:
+        return
+    if n <= 8:
+        for ax in axes:
+            ax.legend(fontsize=7)
+        return
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=6, ncols=1 + n // 30)
+    fig.set_figheight(max(fig.get_figheight(), 0.16 * min(n, 30) + 1.0))
+
+
 def _save(fig, out: str | os.PathLike | None):
     if out is None:
         return fig
@@ -109,14 +134,14 @@ def plot_displacement(
     store = _store(results)
     series = _episode_series(store, metric, conditions, task)
     fig, (ax1, ax2) = _figure(2)
-    for cond, eps in series.items():
+    for (cond, eps), style in zip(series.items(), _styles(len(series))):
         mean, sem = _ragged_mean(eps)
         steps = np.arange(len(mean))
-        (line,) = ax1.plot(steps, mean, label=f"{cond} (mean {np.nanmean(np.concatenate(eps)):.3g})", lw=1.2)
-        ax1.fill_between(steps, mean - sem, mean + sem, color=line.get_color(), alpha=0.2, lw=0)
+        ax1.plot(steps, mean, label=f"{cond} (mean {np.nanmean(np.concatenate(eps)):.3g})", lw=1.2, **style)
+        ax1.fill_between(steps, mean - sem, mean + sem, color=style["color"], alpha=0.2, lw=0)
         cmean, csem = _ragged_mean([np.nancumsum(e) for e in eps])
-        ax2.plot(steps, cmean, color=line.get_color(), label=cond, lw=1.5)
-        ax2.fill_between(steps, cmean - csem, cmean + csem, color=line.get_color(), alpha=0.2, lw=0)
+        ax2.plot(steps, cmean, label=cond, lw=1.5, **style)
+        ax2.fill_between(steps, cmean - csem, cmean + csem, color=style["color"], alpha=0.2, lw=0)
     label = METRIC_LABELS.get(metric, metric)
     ax1.set_xlabel("policy step")
     ax1.set_ylabel(label)
@@ -124,9 +149,10 @@ def plot_displacement(
     ax2.set_xlabel("policy step")
     ax2.set_ylabel("cumulative " + label.split(" (")[0].replace("per-step ", ""))
     _title(ax2, "cumulative displacement", task)
-    if series:
-        ax1.legend(fontsize=7)
-        ax2.legend(fontsize=7)
+    if len(series) <= 8:
+        _legend(fig, [ax1, ax2], len(series))
+    else:
+        _legend(fig, [ax2], len(series))  # one shared legend: the condition names (means are in the tables)
     return _save(fig, out)
 
 
@@ -143,16 +169,15 @@ def plot_height(
     store = _store(results)
     series = _episode_series(store, column, conditions, task)
     fig, (ax,) = _figure(1, width=6.5)
-    for cond, eps in series.items():
+    for (cond, eps), style in zip(series.items(), _styles(len(series))):
         mean, _ = _ragged_mean(eps)
-        (line,) = ax.plot(np.arange(len(mean)), mean, lw=2.0, label=f"{cond} (n={len(eps)})")
+        ax.plot(np.arange(len(mean)), mean, lw=2.0, label=f"{cond} (n={len(eps)})", **style)
         for e in eps[:max_episodes]:
-            ax.plot(np.arange(len(e)), e, color=line.get_color(), lw=0.5, alpha=0.35)
+            ax.plot(np.arange(len(e)), e, color=style["color"], lw=0.5, alpha=0.35)
     ax.set_xlabel("policy step")
     ax.set_ylabel(METRIC_LABELS.get(column, column))
     _title(ax, "end-effector height", task)
-    if series:
-        ax.legend(fontsize=7)
+    _legend(fig, [ax], len(series))
     return _save(fig, out)
 
 

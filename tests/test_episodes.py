@@ -249,6 +249,30 @@ def test_plots_from_saved_results(tmp_path):
     assert len(fig.axes[0].lines) >= 1
 
 
+def test_plots_keep_many_conditions_apart(tmp_path):
+    """A sweep of 24 conditions: every curve gets its own (colour, dash) style, and the legend does not squeeze
+    the axes away (matplotlib warns when constrained layout collapses them: an error here)."""
+    import warnings
+
+    from nnsight_vla import plots
+
+    conds = [C.baseline()] + [C.steered(c, Knob(a), alpha=a, layers="all") for c in ("up", "down", "fast", "slow")
+                              for a in (1, 2, 4, 8, 10, 16)][:23]
+    store = ResultsStore.create(tmp_path / "r", CONFIG, [c.to_dict() for c in conds], kind="test")
+    for i, cond in enumerate(conds):
+        store.write_episode(line_episode(EpisodeKey(cond.name, 0, 0), 0.01 * (1 + i / 4), steps=10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for plot in (plots.plot_displacement, plots.plot_height):
+            fig = plot(store)
+            lines = [l for l in fig.axes[0].lines if l.get_label() and not l.get_label().startswith("_")]
+            styles = {(tuple(np.round(np.atleast_1d(l.get_color()), 3)) if not isinstance(l.get_color(), str)
+                       else l.get_color(), l.get_linestyle()) for l in lines}
+            assert len(lines) == len(conds) and len(styles) == len(conds)
+            fig.savefig(tmp_path / "p.png")
+            assert all(ax.get_position().width > 0.2 for ax in fig.axes)
+
+
 def test_conditions_behaviour():
     c = C.prompt_baseline("fast")
     assert c.name == "prompt:fast" and c.kind == "prompt"
