@@ -59,8 +59,8 @@ def run_demo(
     from .plots import plot_all
     from .steering import Steering
     from .training import shipped_path
-    from .training.experiment import (ExperimentConfig, episode_table, markdown_table, plot_key_effects,
-                                      summary_rows)
+    from .training.experiment import (ExperimentConfig, _atomic_text, episode_table, markdown_table,
+                                      plot_key_effects, summary_rows)
     from .training.rollouts import RolloutConfig, run_conditions
 
     t0 = time.perf_counter()
@@ -109,19 +109,19 @@ def run_demo(
 
     rows = summary_rows(episode_table(store), conditions)
     frame = pd.DataFrame(rows)
-    frame.to_csv(out / "results.csv", index=False)
+    _atomic_text(out / "results.csv", frame.to_csv(index=False))
     text = markdown_table(rows)
-    (out / "RESULTS.md").write_text(
+    _atomic_text(out / "RESULTS.md", (
         f"# nnsight-vla demo\n\nModel: `{model_path}`, alpha = {alpha:g}, {trials} episodes per condition, "
         f"{max_steps} steps.\n\n{text}\n\nΔ% and p (Welch) are against the baseline; disp/step is the mean "
-        "end-effector displacement per step.\n")
+        "end-effector displacement per step.\n"))
     plots = [str(p) for p in plot_all(store, out / "plots")]
     plots.append(str(plot_key_effects(rows, out / "plots" / "key_effects.png", alpha)))
     results = {"model": model_path, "alpha": alpha, "trials": trials, "max_steps": max_steps, "seed": seed,
                "neurons": {c: [list(p) for p in s.pairs] for c, s in sets.items()},
                "control": [list(p) for p in control.pairs], "rows": rows, "plots": plots,
                "seconds": time.perf_counter() - t0}
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    _atomic_text(out / "results.json", json.dumps(results, indent=1, default=float))
 
     shown = frame[["condition", "kind", "episodes", "mean_disp", "mean_disp_pct", "max_height_table"]].copy()
     shown["mean_disp"] = (1000 * shown["mean_disp"]).round(2)

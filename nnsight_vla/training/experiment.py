@@ -337,10 +337,10 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def _atomic_text(path: Path, text: str) -> None:
+    from ..envs.episodes import atomic_write_bytes
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
 
 
 def _jsonable(obj):

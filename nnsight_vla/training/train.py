@@ -93,10 +93,10 @@ def seed_everything(seed: int, threads: int) -> None:
 
 
 def _write_json(path: Path, data) -> None:
+    from ..envs.episodes import atomic_write_bytes
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(data, indent=1, default=float).encode())
 
 
 def default_work_dir() -> Path:
