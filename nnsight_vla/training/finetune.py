@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .actions import normalize, to_tokens
-from .language import IGNORE, TextBatches, cosine_schedule, lm_loss, make_optimizer
+from .language import IGNORE, TextBatches, cosine_schedule, lm_loss, make_optimizer, pad_batch
 
 N_ACTION = 7
 
@@ -71,12 +71,7 @@ class ActionBatches:
             target = np.concatenate([self.targets[i], [self.eos]])
             seqs.append(np.concatenate([prompt, target]))
             labels.append(np.concatenate([np.full(len(prompt), IGNORE), target]))
-        width = max(len(s) for s in seqs)
-        ids = np.full((len(seqs), width), self.pad, np.int64)
-        lab = np.full((len(seqs), width), IGNORE, np.int64)
-        for row, (s, l) in enumerate(zip(seqs, labels)):
-            ids[row, : len(s)] = s
-            lab[row, : len(l)] = l
+        ids, lab = pad_batch(seqs, labels, self.pad)
         if augment:
             from .vqa import shift_image
 
@@ -84,7 +79,7 @@ class ActionBatches:
         else:
             images = [self.images[i] for i in steps]
         pixels = torch.stack([self.vla.image_processor(image) for image in images])
-        return torch.from_numpy(ids), pixels, torch.from_numpy(lab)
+        return ids, pixels, lab
 
 
 def action_loss(model: nn.Module, ids: torch.Tensor, pixels: torch.Tensor, labels: torch.Tensor,

@@ -60,13 +60,19 @@ class TextBatches:
         if indices is None:
             indices = self.rng.integers(len(self.docs), size=size)
         docs = [self.docs[int(i)] for i in indices]
-        width = max(len(d) for d in docs)
-        ids = np.full((len(docs), width), self.pad, dtype=np.int64)
-        labels = np.full((len(docs), width), IGNORE, dtype=np.int64)
-        for row, doc in enumerate(docs):
-            ids[row, : len(doc)] = doc
-            labels[row, : len(doc)] = doc
-        return torch.from_numpy(ids), torch.from_numpy(labels)
+        return pad_batch(docs, docs, self.pad)
+
+
+def pad_batch(seqs: Sequence, labels: Sequence, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token sequences and their labels into (B, T) int64 tensors: ``pad`` in the ids, ``IGNORE`` in
+    the labels (every training batch -- text, actions, grounding questions -- is built this way)."""
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad, dtype=np.int64)
+    lab = np.full((len(seqs), width), IGNORE, dtype=np.int64)
+    for row, (s, l) in enumerate(zip(seqs, labels)):
+        ids[row, : len(s)] = s
+        lab[row, : len(l)] = l
+    return torch.from_numpy(ids), torch.from_numpy(lab)
 
 
 def lm_loss(language_model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

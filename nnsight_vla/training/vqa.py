@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .language import IGNORE
+from .language import IGNORE, pad_batch
 
 QUESTIONS = {
     "side": "Which side of the gripper is the green block on",
@@ -112,13 +112,8 @@ class VQABatches:
             labels.append(np.concatenate([np.full(len(prompt), IGNORE), target]))
             image = shift_image(self.images[i], rng, self.max_shift) if shift else self.images[i]
             pixels.append(self.vla.image_processor(image))
-        width = max(len(s) for s in seqs)
-        ids = np.full((len(seqs), width), self.pad, np.int64)
-        lab = np.full((len(seqs), width), IGNORE, np.int64)
-        for r, (s, l) in enumerate(zip(seqs, labels)):
-            ids[r, : len(s)] = s
-            lab[r, : len(l)] = l
-        return torch.from_numpy(ids), torch.stack(pixels), torch.from_numpy(lab)
+        ids, lab = pad_batch(seqs, labels, self.pad)
+        return ids, torch.stack(pixels), lab
 
 
 @torch.no_grad()
