@@ -58,6 +58,18 @@ def _reset(twin):
     time.sleep(0.03)
 
 
+def _lowered(kin, q, dz: float) -> np.ndarray:
+    """Joint angles that put the flange ``dz`` metres lower (a few Gauss-Newton steps on the position)."""
+    q0 = np.asarray(q, float)
+    goal = kin.fk(q0)[:3, 3] - [0.0, 0.0, dz]
+    q = q0.copy()
+    for _ in range(4):
+        err = np.zeros(6)
+        err[:3] = goal - kin.fk(q)[:3, 3]
+        q = q + np.linalg.pinv(kin.jacobian(q)) @ err
+    return q
+
+
 def _stats(twin) -> dict:
     return twin.admin("stats")
 
@@ -151,8 +163,18 @@ def test_twin_answers_ur_rtde_calls(twin):
         time.sleep(0.05)
         assert r.isProtectiveStopped() and r.getSafetyMode() == 3, twin.admin("status")
         assert "collision" in twin.admin("status")["safety_reason"]
+        # where it rests when unlocked may be well inside the table (how far it got before halting depends on the
+        # machine's load): put it 1 cm deeper, so the case is always there
+        twin.admin("set_q", q=_lowered(kin, r.getActualQ(), 0.01).tolist())
+        time.sleep(0.05)
         db.unlockProtectiveStop()  # raises unless the dashboard answers "Protective stop releasing"
         assert twin.admin("status")["safety_mode"] == "NORMAL"
+        time.sleep(0.2)  # resting where it was unlocked, still in the table: no new stop
+        assert twin.admin("status")["safety_mode"] == "NORMAL"
+        # pressing 3 cm further in stops it again (the unlock tolerates the contact it had, not more)
+        twin.admin("set_q", q=_lowered(kin, r.getActualQ(), 0.03).tolist())
+        time.sleep(0.05)
+        assert twin.admin("status")["safety_mode"] == "PROTECTIVE_STOP"
     finally:
         for obj in (io, c, r):
             obj.disconnect()

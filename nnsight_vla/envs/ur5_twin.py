@@ -680,6 +680,9 @@ class _Controller:
         self.robot_mode = ROBOT_MODE["RUNNING"]
         self.safety = "NORMAL"
         self.safety_reason = ""
+        # penetration already there when a protective stop was unlocked: a real arm resting where it stopped does
+        # not stop again; pressing further in (or a new contact after it lifted off) does
+        self.contact_allowance = 0.0
         self.runtime_state = RUNTIME_STATE["STOPPED"]
         self.program: str | None = None  # name of the loaded/running program
         self.script_running = False  # the rtde_control emulation is active
@@ -719,6 +722,12 @@ class _Controller:
         del self.events[:-200]
 
     # -- safety state
+    def clear_safety(self) -> None:
+        """Back to NORMAL (unlock, safety restart, admin reset); the table penetration the arm rests in now is
+        tolerated until it lifts off, so only pressing further in stops it again (caller holds ``self.lock``)."""
+        self.safety, self.safety_reason = "NORMAL", ""
+        self.contact_allowance = self.arm.table_contact()
+
     def set_safety(self, mode: str, reason: str) -> None:
         with self.lock:
             if mode == self.safety:
@@ -985,7 +994,9 @@ class _Controller:
             self._update_kinematics()
             if self.cfg.collision_stop and self.safety == "NORMAL":
                 pen = arm.table_contact()
-                if pen > 0.004:
+                if pen == 0.0:
+                    self.contact_allowance = 0.0
+                if pen > self.contact_allowance + 0.004:
                     self.set_safety("PROTECTIVE_STOP", f"collision with the table ({pen * 1000:.1f} mm)")
             self._make_snapshot()
 
@@ -1395,7 +1406,7 @@ class _Twin:
                 if ctl.safety != "PROTECTIVE_STOP":
                     return ("Cannot unlock protective stop until 5s after occurrence. Always inspect cause of "
                             "protective stop before unlocking"), False
-                ctl.safety, ctl.safety_reason = "NORMAL", ""
+                ctl.clear_safety()
                 ctl.log_event("protective stop unlocked from the dashboard")
             return "Protective stop releasing", False
         if low in ("close safety popup", "close popup"):
@@ -1404,7 +1415,7 @@ class _Twin:
             return "showing popup", False
         if low == "restart safety":
             with ctl.lock:
-                ctl.safety, ctl.safety_reason = "NORMAL", ""
+                ctl.clear_safety()
                 ctl.robot_mode = ROBOT_MODE["POWER_OFF"]
             return "Restarting safety", False
         if low.startswith("addtolog "):
@@ -1457,7 +1468,7 @@ class _Twin:
             return {"ok": True}
         if cmd == "reset_safety":
             with ctl.lock:
-                ctl.safety, ctl.safety_reason = "NORMAL", ""
+                ctl.clear_safety()
                 ctl.robot_mode = ROBOT_MODE["RUNNING"]
             return {"ok": True}
         if cmd == "pause_stream":
