@@ -153,8 +153,12 @@ def test_twin_answers_ur_rtde_calls(twin):
         assert io.setStandardDigitalOut(0, True)
         time.sleep(0.4)
         st = twin.admin("status")
-        assert r.getDigitalOutState(0) and st["gripper_closed"] and st["gripper_qpos"] > 0.3  # fingers closed
+        # fingers closed, inside the finger joint's range 0..0.8 (an unstable gripper model ends far outside it)
+        assert r.getDigitalOutState(0) and st["gripper_closed"] and 0.3 < st["gripper_qpos"] <= 0.8, st
         io.setStandardDigitalOut(0, False)
+        time.sleep(0.4)
+        st = twin.admin("status")
+        assert not st["gripper_closed"] and abs(st["gripper_qpos"]) < 0.05, st  # and open again
         # the twin's collision check: pushing the flange (gripper attached) into the table protective-stops it
         p_low = kin.fk_pose(HOME)
         p_low[2] = 0.05

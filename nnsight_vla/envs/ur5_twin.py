@@ -353,6 +353,13 @@ def _build_mjcf(model: str, toy_xy_world: tuple[float, float], camera_size: int)
         if el is None:  # pragma: no cover - robosuite layout changed
             raise TwinError(f"robosuite's UR5e model has no body {name!r}; cannot set {model} geometry")
         el.set("pos", pos)
+    # robosuite's Robotiq 85 joints have no armature or damping: its tiny finger links under the kp=20 position
+    # actuators are unstable at a 2 ms step (finger velocities of hundreds of rad/s, the fingers end outside
+    # their joint range and do not reopen); a little rotor inertia and damping makes them close and open cleanly
+    for joint in world.worldbody.iter("joint"):
+        if joint.get("name", "").startswith("gripper0_"):
+            joint.set("armature", "0.01")
+            joint.set("damping", "0.1")
 
     # a fixed scene camera looking at the table from the front-right, slightly above
     cam_pos = np.array([1.25, -0.55, _TABLE_TOP_Z + 0.75])
