@@ -25,3 +25,33 @@ def images():
         "a": rng.integers(0, 256, (64, 80, 3), dtype=np.uint8),
         "b": rng.integers(0, 256, (48, 48, 3), dtype=np.uint8),
     }
+
+
+def _eventually(check, timeout: float = 5.0, interval: float = 0.01):
+    """Poll ``check`` until it holds, then return its value: an assertion-style check holds when it returns
+    ``None`` without an AssertionError, a predicate when it returns something true. After ``timeout`` seconds it
+    runs once more and its failure goes through.
+
+    For what a controller streams at 125 Hz: a fixed sleep before asserting is a race on a loaded CI machine,
+    a deadline is not (the assertion itself is unchanged)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except AssertionError:
+            value = False
+        if value is None or value:
+            return value
+        time.sleep(interval)
+    value = check()
+    if not (value is None or value):
+        raise AssertionError(f"still false after {timeout} s")
+    return value
+
+
+@pytest.fixture(scope="session")
+def eventually():
+    """``eventually(lambda: <assertion or bool>, timeout=5.0)``: poll a state check instead of sleeping."""
+    return _eventually

@@ -106,7 +106,7 @@ def test_connect_and_stream_state(twin):
         assert (st.robot_mode, st.safety_mode, st.connected) == (7, 1, True)
 
 
-def test_twin_answers_ur_rtde_calls(twin):
+def test_twin_answers_ur_rtde_calls(twin, eventually):
     """The ur_rtde calls the twin implements move its MuJoCo arm as the real robot would."""
     import dashboard_client
     import rtde_control
@@ -125,37 +125,37 @@ def test_twin_answers_ur_rtde_calls(twin):
         assert "RUNNING" in db.robotmode() and "NORMAL" in db.safetymode() and db.running()
         q1 = HOME + [0.15, -0.1, 0.1, 0, 0, 0.2]
         assert c.moveJ(q1.tolist(), 1.0, 2.0)
-        np.testing.assert_allclose(r.getActualQ(), q1, atol=1e-6)
+        # moveJ returns when the controller's program reports it done; the 125 Hz stream may lag behind that
+        eventually(lambda: np.testing.assert_allclose(r.getActualQ(), q1, atol=1e-6))
         p2 = kin.fk_pose(q1)
         p2[2] += 0.05
         assert c.moveL(p2.tolist(), 0.25, 1.0)
-        np.testing.assert_allclose(kin.fk(r.getActualQ())[:3, 3], p2[:3], atol=1e-4)
-        np.testing.assert_allclose(c.getForwardKinematics(), r.getActualTCPPose(), atol=1e-9)
+        eventually(lambda: np.testing.assert_allclose(kin.fk(r.getActualQ())[:3, 3], p2[:3], atol=1e-4))
+        eventually(lambda: np.testing.assert_allclose(c.getForwardKinematics(), r.getActualTCPPose(), atol=1e-9))
         q_ik = c.getInverseKinematics(p2.tolist())
         np.testing.assert_allclose(kin.fk(q_ik)[:3, 3], p2[:3], atol=1e-5)
         q = np.array(r.getActualQ())
         for i in range(40):
             c.servoJ((q + [0, 0, 0, 0, 0, 0.2 * (i + 1) / 40]).tolist(), 0.5, 0.5, 0.008, 0.1, 300)
             time.sleep(0.008)
-        time.sleep(0.4)
-        assert r.getActualQ()[5] == pytest.approx(q[5] + 0.2, abs=0.01)
+        eventually(lambda: r.getActualQ()[5] == pytest.approx(q[5] + 0.2, abs=0.01))
         c.servoStop(2.0)
         assert c.speedJ([0.2, 0, 0, 0, 0, 0], 1.0, 0.008)
-        time.sleep(0.5)
-        assert r.getActualQd()[0] == pytest.approx(0.2, abs=1e-6)
+        eventually(lambda: r.getActualQd()[0] == pytest.approx(0.2, abs=1e-6))
         c.stopJ(1.0)
-        assert np.allclose(r.getActualQd(), 0)
+        eventually(lambda: np.allclose(r.getActualQd(), 0))
         assert c.setTcp([0, 0, 0.1, 0, 0, 0]) and np.allclose(c.getTCPOffset(), [0, 0, 0.1, 0, 0, 0])
-        time.sleep(0.05)
-        np.testing.assert_allclose(r.getActualTCPPose()[:3], URKinematics("UR5", (0, 0, 0.1, 0, 0, 0)).fk(
-            r.getActualQ())[:3, 3], atol=1e-6)
+        eventually(lambda: np.testing.assert_allclose(r.getActualTCPPose()[:3], URKinematics(
+            "UR5", (0, 0, 0.1, 0, 0, 0)).fk(r.getActualQ())[:3, 3], atol=1e-6))
         c.setTcp([0, 0, 0, 0, 0, 0])
         assert io.setStandardDigitalOut(0, True)
+        # fingers closed, inside the finger joint's range 0..0.8 (an unstable gripper model ends far outside it)
+        eventually(lambda: r.getDigitalOutState(0))
         time.sleep(0.4)
         st = twin.admin("status")
-        # fingers closed, inside the finger joint's range 0..0.8 (an unstable gripper model ends far outside it)
-        assert r.getDigitalOutState(0) and st["gripper_closed"] and 0.3 < st["gripper_qpos"] <= 0.8, st
+        assert st["gripper_closed"] and 0.3 < st["gripper_qpos"] <= 0.8, st
         io.setStandardDigitalOut(0, False)
+        eventually(lambda: not r.getDigitalOutState(0))
         time.sleep(0.4)
         st = twin.admin("status")
         assert not st["gripper_closed"] and abs(st["gripper_qpos"]) < 0.05, st  # and open again
@@ -164,21 +164,20 @@ def test_twin_answers_ur_rtde_calls(twin):
         p_low[2] = 0.05
         c.moveJ(HOME.tolist(), 1.0, 2.0)
         assert not c.moveL(p_low.tolist(), 0.25, 1.0)
-        time.sleep(0.05)
-        assert r.isProtectiveStopped() and r.getSafetyMode() == 3, twin.admin("status")
+        eventually(lambda: r.isProtectiveStopped() and r.getSafetyMode() == 3)
         assert "collision" in twin.admin("status")["safety_reason"]
         # where it rests when unlocked may be well inside the table (how far it got before halting depends on the
         # machine's load): put it 1 cm deeper, so the case is always there
-        twin.admin("set_q", q=_lowered(kin, r.getActualQ(), 0.01).tolist())
-        time.sleep(0.05)
+        q_low = _lowered(kin, r.getActualQ(), 0.01)
+        twin.admin("set_q", q=q_low.tolist())
+        eventually(lambda: np.testing.assert_allclose(r.getActualQ(), q_low, atol=1e-9))  # a physics tick ran
         db.unlockProtectiveStop()  # raises unless the dashboard answers "Protective stop releasing"
         assert twin.admin("status")["safety_mode"] == "NORMAL"
         time.sleep(0.2)  # resting where it was unlocked, still in the table: no new stop
         assert twin.admin("status")["safety_mode"] == "NORMAL"
         # pressing 3 cm further in stops it again (the unlock tolerates the contact it had, not more)
         twin.admin("set_q", q=_lowered(kin, r.getActualQ(), 0.03).tolist())
-        time.sleep(0.05)
-        assert twin.admin("status")["safety_mode"] == "PROTECTIVE_STOP"
+        eventually(lambda: twin.admin("status")["safety_mode"] == "PROTECTIVE_STOP")
     finally:
         for obj in (io, c, r):
             obj.disconnect()
@@ -358,34 +357,36 @@ def test_killing_the_twin_stops_the_runner_within_one_control_period(tmp_path):
             except Exception:
                 return
             time.sleep(0.05)
+        killed["sent"] = time.time()  # nothing can notice the death before this
         tw.proc.kill()  # SIGKILL: the controller vanishes without a word
-        tw.proc.wait(10)
-        killed["wall"] = time.time()  # the moment the controller (and its sockets) are gone
+        tw.proc.wait(60)  # a loaded machine has taken > 10 s to tear down the twin's threads
+        killed["wall"] = time.time()  # the controller (and its sockets) are surely gone by now
 
     th = threading.Thread(target=killer, daemon=True)
     th.start()
     t0 = time.perf_counter()
     res = run_conditions(UR5ScriptedPolicy("pi0"), [baseline()], cfg, tmp_path / "kill", host=tw.host, armed=True,
                          safety=SAFETY)
-    th.join(5)
+    th.join(70)
     assert res.halted and res.halted.startswith("state") and "lost the connection" in res.halted
     assert time.perf_counter() - t0 < 20
     rec = ResultsStore.open(tmp_path / "kill").records()[0]
     summary = rec["summary"]
     assert summary["termination"] == "halted:state"
     period = 1.0 / cfg.action_hz
-    # stopped within one control period of the controller's death (the runner may even notice the closing
-    # sockets before the killer thread's wait() returns, hence the small negative margin)
+    # stopped within one control period of the controller's death; the death lies between the SIGKILL and
+    # the end of wait(), which on a loaded machine can be far apart (the runner may notice the closing sockets
+    # first), so the halt is bounded by the two
     latency = summary["halted_wall"] - killed["wall"]
     print(f"halted {latency * 1000:.1f} ms after the controller died (control period {period * 1000:.0f} ms)")
-    assert -0.5 < latency < period, latency
+    assert killed["sent"] < summary["halted_wall"] < killed["wall"] + period, (killed, summary["halted_wall"])
     steps = ResultsStore.open(tmp_path / "kill").steps().to_pydict()
     assert 0 < rec["steps_rows"] < 60 and len(steps["step"]) == rec["steps_rows"]  # the log is intact
     assert max(steps["timestamp"]) <= killed["wall"] + period
     tw.stop()
 
 
-def test_controller_watchdog_stops_the_program(twin):
+def test_controller_watchdog_stops_the_program(twin, eventually):
     """With controller_watchdog_hz set, the controller stops the program when commands stop arriving
     (e.g. the runner's process died); the runner then refuses to continue."""
     _reset(twin)
@@ -394,8 +395,8 @@ def test_controller_watchdog_stops_the_program(twin):
         robot.begin_servo()
         for _ in range(5):
             robot.servo_joint(HOME)
-        time.sleep(0.3)  # silence > 1 / 10 Hz
-        assert twin.admin("status")["runtime_state"] == "STOPPED"
+        time.sleep(0.1)  # silence > 1 / 10 Hz
+        eventually(lambda: twin.admin("status")["runtime_state"] == "STOPPED")
         assert twin.admin("stats")["watchdog_stops"] >= 1
         with pytest.raises(Exception, match="control program stopped"):
             robot.servo_joint(HOME)
