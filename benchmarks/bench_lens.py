@@ -252,10 +252,9 @@ def main():
         "streamed_memory_below_dense": results["memory"]["dense_over_streamed"] > 1,
     }
     results["total_s"] = time.perf_counter() - started
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_name(f".{RESULTS.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=2, default=float) + "\n")
-    os.replace(tmp, RESULTS)
+    from nnsight_vla import files
+
+    files.write_json(RESULTS, results, default=float)
     print(json.dumps(results["targets"]), f"-> {RESULTS} ({results['total_s']:.0f}s)")
 
 

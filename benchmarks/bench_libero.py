@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from nnsight_vla import files  # noqa: E402
 from nnsight_vla.envs import libero as L  # noqa: E402
 from nnsight_vla.envs.conditions import baseline  # noqa: E402
 from nnsight_vla.envs.episodes import ResultsStore, environment_versions  # noqa: E402
@@ -180,10 +181,7 @@ def main() -> None:
             env_only_steps_per_s(128, 0, ("agentview",)),
             env_only_steps_per_s(64, 0, ("agentview",)),
         ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    files.write_json(args.out, result)
     print(json.dumps({k: result[k] for k in ("ratio", "ratio_cpu_of_medians", "ratio_wall", "runner_policy_steps_per_s",
                                              "env_create_s")}, indent=1))
     print(f"wrote {args.out}")

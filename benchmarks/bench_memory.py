@@ -199,10 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
                                          "medium": medium["steer_minus_plain_mb"]},
             }
     results["seconds"] = round(time.time() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    from nnsight_vla import files
+
+    files.write_json(args.out, results)
     print(f"wrote {args.out}")
     return results
 

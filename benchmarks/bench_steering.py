@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import json
 import logging
 import os
 import platform
@@ -284,10 +283,9 @@ def main(argv: list[str] | None = None) -> dict:
                                    "per-repetition ratios) and \"ratios_cpu\" are less sensitive to machine load")
     results["machine"]["loadavg_after"] = os.getloadavg()
     results["seconds"] = round(time.time() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    from nnsight_vla import files
+
+    files.write_json(args.out, results)
     print(f"wrote {args.out}")
     return results
 

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from . import files
 from .errors import CheckpointError, IndexOutOfRangeError, InputError
 
 CACHE_FORMAT = "nnsight-vla value-vector lens"
@@ -318,10 +319,8 @@ class ValueVectorLens:
         path = Path(path)
         if path.suffix != ".npz":
             raise InputError(f"a lens file must end in .npz, got {path.name}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-        np.savez(tmp, ids=self.ids, scores=self.scores)
-        os.replace(tmp, path)
+        with files.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, ids=self.ids, scores=self.scores)
         used = np.unique(self.ids)
         sidecar = {
             **self.identity(),
@@ -334,7 +333,7 @@ class ValueVectorLens:
             "action_note": self.action_note,
             "tokens": {str(int(i)): s for i, s in zip(used, self.token_strings(used))},
         }
-        _write_text_atomic(_sidecar(path), json.dumps(sidecar) + "\n")
+        files.write_text(_sidecar(path), json.dumps(sidecar) + "\n")
         return path
 
     @classmethod
@@ -558,12 +557,6 @@ def _content_sha256(ids: np.ndarray, scores: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _check_files(path: Path, sidecar: dict, identity: dict) -> tuple[str, tuple | None]:
     """'' and the arrays if the NPZ is readable, matches the expected shapes and its sidecar's content checksum,
     else the problem."""
@@ -648,8 +641,6 @@ def write_table(frame, path: str | os.PathLike, meta: dict | None = None) -> Pat
     suffix = path.suffix.lower()
     if suffix not in (".parquet", ".csv", ".json"):
         raise InputError(f"unsupported table format {path.suffix!r}; use .parquet, .csv or .json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
     if suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -658,13 +649,14 @@ def write_table(frame, path: str | os.PathLike, meta: dict | None = None) -> Pat
         if meta:
             arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}),
                                                    b"nnsight_vla": json.dumps(meta).encode()})
-        pq.write_table(arrow, tmp)
+        with files.atomic_path(path) as tmp:
+            pq.write_table(arrow, tmp)
     elif suffix == ".csv":
-        frame.to_csv(tmp, index=False)
+        with files.atomic_path(path) as tmp:
+            frame.to_csv(tmp, index=False)
     else:
         rows = json.loads(frame.to_json(orient="records"))
-        tmp.write_text(json.dumps({"meta": meta or {}, "rows": rows}) + "\n")
-    os.replace(tmp, path)
+        files.write_text(path, json.dumps({"meta": meta or {}, "rows": rows}) + "\n")
     return path
 
 

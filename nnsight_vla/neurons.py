@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from . import files
 from .errors import IndexOutOfRangeError, InputError
 
 STACKS = ("backbone", "expert")
@@ -228,10 +229,7 @@ class NeuronSet:
             text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         else:
             text = json.dumps(self.to_dict(), indent=2) + "\n"
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        return path
+        return files.write_text(path, text)
 
     @classmethod
     def load(cls, path: str | os.PathLike, d_mlp: int | None = None) -> "NeuronSet":

@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import files
+
 #: axis labels of the step metrics
 METRIC_LABELS = {
     "action_disp": "per-step displacement |a_xyz| (action units)",
@@ -70,10 +72,8 @@ def _save(fig, out: str | os.PathLike | None):
     if out is None:
         return fig
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix or '.png'}")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, out)
+    with files.atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=120, format=out.suffix.lstrip(".").lower() or "png")
     return out
 
 

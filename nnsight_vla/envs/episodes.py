@@ -54,6 +54,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from .. import files
 from ..errors import VLAError
 from .conditions import condition_slug
 
@@ -126,19 +127,8 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(_jsonable(data), indent=1, sort_keys=True) + "\n").encode())
+    files.write_json(path, _jsonable(data), indent=1, sort_keys=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -657,7 +647,7 @@ class ResultsStore:
         buf = io.BytesIO()
         pq.write_table(episode.table(), buf, compression="zstd")
         data = buf.getvalue()
-        atomic_write_bytes(steps_path, data)
+        files.write_bytes(steps_path, data)
         media = None
         if episode.frames:
             self.media_dir.mkdir(exist_ok=True)

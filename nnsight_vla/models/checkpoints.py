@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .. import files
 from ..errors import CheckpointError
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -196,9 +197,7 @@ def read_json(folder: Path, name: str) -> dict:
 
 def write_json_atomic(path: Path, data) -> None:
     """Write JSON through a temp file and a rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    files.write_json(path, data, indent=2)
 
 
 def save_safetensors(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB") -> None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -44,6 +43,7 @@ import numpy as np
 from scipy.fft import dct, idct
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .. import files
 from ..errors import CheckpointError, InputError, VLAError
 
 logger = logging.getLogger(__name__)
@@ -634,13 +634,13 @@ class FastActionTokenizer:
         """
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "tokenizer.json", self.tokenizer.to_str(pretty=True))
-        _atomic_write(
+        files.write_text(out / "tokenizer.json", self.tokenizer.to_str(pretty=True))
+        files.write_text(
             out / "tokenizer_config.json",
             json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                         "model_max_length": 1_000_000}, indent=2),
         )
-        _atomic_write(out / "special_tokens_map.json", "{}")
+        files.write_text(out / "special_tokens_map.json", "{}")
         config = {
             "action_dim": self.action_dim,
             "min_token": self.min_token,
@@ -649,7 +649,7 @@ class FastActionTokenizer:
             "time_horizon": self.time_horizon,
             "vocab_size": self.vocab_size,
         }
-        _atomic_write(out / PROCESSOR_CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        files.write_text(out / PROCESSOR_CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
         return out
 
     @classmethod
@@ -735,17 +735,6 @@ def _opt_pos_int(value: Any, name: str) -> int | None:
 
 def _json_number(x: float) -> float | int:
     return int(x) if float(x).is_integer() else float(x)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _resolve_folder(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import files
 from .corpus import task_instruction
 
 SPEED_LEVELS = ("slow", "medium", "fast")
@@ -134,11 +135,9 @@ def collect_demos(plans: list[DemoPlan], image_size: int, max_steps: int = 60, w
 def save_demos(path: str | os.PathLike, demos: dict) -> Path:
     """Write demonstrations to one NPZ (atomically); episode records go in as JSON text."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
     arrays = {k: v for k, v in demos.items() if k != "episodes"}
-    np.savez(tmp, **arrays, episodes_json=np.array(json.dumps(demos["episodes"])))
-    os.replace(tmp, path)
+    with files.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays, episodes_json=np.array(json.dumps(demos["episodes"])))
     return path
 
 

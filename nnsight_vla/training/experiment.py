@@ -30,6 +30,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from .. import files
+
 #: episode metrics: the speed metric and the height metric of the success criteria
 SPEED_METRIC = "mean_disp"  # mean per-step end-effector displacement (m)
 HEIGHT_METRIC = "max_height_table"  # highest end-effector point above the table (m)
@@ -337,10 +339,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    from ..envs.episodes import atomic_write_bytes
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, text.encode())
+    files.write_text(path, text)
 
 
 def _jsonable(obj):
@@ -371,10 +370,8 @@ def plot_key_effects(rows: list[dict], out: Path, alpha: float) -> Path:
             ax.axhline(scale * base[metric], color="k", ls="--", lw=1)
         ax.set_xticks(x, [r["condition"] for r in pick], rotation=60, ha="right", fontsize=7)
         ax.set_ylabel(label)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, out)
+    with files.atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     return out
 
 

@@ -38,6 +38,8 @@ from typing import Optional
 
 import numpy as np
 
+from .. import files
+
 SCENE_KEY = "arm_scene"  # the norm_stats key (OpenVLA's unnorm_key) of the trained model
 BASE_NAME = "openvla_small_base"
 FINETUNED_NAME = "openvla_small"
@@ -93,10 +95,7 @@ def seed_everything(seed: int, threads: int) -> None:
 
 
 def _write_json(path: Path, data) -> None:
-    from ..envs.episodes import atomic_write_bytes
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps(data, indent=1, default=float).encode())
+    files.write_json(path, data, indent=1, default=float)
 
 
 def default_work_dir() -> Path:
