@@ -398,8 +398,40 @@ def test_controller_watchdog_stops_the_program(twin, eventually):
         time.sleep(0.1)  # silence > 1 / 10 Hz
         eventually(lambda: twin.admin("status")["runtime_state"] == "STOPPED")
         assert twin.admin("stats")["watchdog_stops"] >= 1
+
+        def halted():  # the client's stream shows the stop a little after the controller: check until it halts
+            try:
+                robot.check()
+            except Exception as e:
+                return e
+            return False
+
+        assert "control program stopped" in str(eventually(halted))
         with pytest.raises(Exception, match="control program stopped"):
             robot.servo_joint(HOME)
+    _reset(twin)
+
+
+def test_first_servo_commands_keep_the_controller_watchdog_fed(twin):
+    """In a fresh process (a first episode), the first servo commands after begin_servo go out at the servo
+    rate: nothing slow (e.g. a first-use import) sits in the loop, so a 10 Hz controller watchdog does not stop
+    the program. It did before scipy's Rotation was imported with the safety module (0.4 s stall)."""
+    _reset(twin)
+    code = f"""
+import numpy as np
+from nnsight_vla.envs.safety import SafetyConfig
+from nnsight_vla.envs.ur5 import DEFAULT_HOME_Q, UR5Config, UR5Robot
+safety = SafetyConfig(controller_watchdog_hz=10.0, state_timeout_s=1.0)
+with UR5Robot({twin.host!r}, armed=True, safety=safety, config=UR5Config(gripper="none", home_q=None)) as robot:
+    robot.begin_servo()
+    for _ in range(25):
+        robot.servo_joint(np.array(DEFAULT_HOME_Q))
+    robot.end_servo()
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
     _reset(twin)
 
 

@@ -42,6 +42,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+# imported with the module, not on first use: a first-use import (~0.4 s) inside the 125 Hz servo loop stalls
+# the command stream, long enough to trip a 10 Hz controller watchdog on the very first step
+from scipy.spatial.transform import Rotation
 
 from ..errors import VLAError
 
@@ -124,8 +127,6 @@ def _rotvec_to_matrix(rv) -> np.ndarray:
 
 
 def _matrix_to_rotvec(R) -> np.ndarray:
-    from scipy.spatial.transform import Rotation
-
     return Rotation.from_matrix(np.asarray(R, dtype=float)).as_rotvec()
 
 

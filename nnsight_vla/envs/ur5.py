@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+from scipy.spatial.transform import Rotation  # at import, never inside the servo loop (see safety.py)
 
 from ..errors import VLAError
 from .conditions import Condition, baseline, check_unique
@@ -953,25 +954,9 @@ class UR5Robot:
 
     def servo_joint(self, q_target) -> Checked:
         """One servoJ command (paced at ``servo_hz``); checked by the envelope, sent only when armed."""
-        if self.halted is not None:
-            raise self.halted
-        if not self._servoing:
-            raise RobotError("call begin_servo() before streaming servo commands")
+        self._require_servo()
         checked = self.envelope.servo_joint(self.q_cmd, self.v_cmd, q_target, self.dt)
-        self._count(checked.fired)
-        self._pace()
-        self.check()  # right before sending: safety stops, connection, fresh state
-        try:
-            self.watchdog.check()
-        except RobotHalted as e:
-            self.halt(e)
-        entry = {"kind": "servoJ", "target": np.asarray(q_target, float), "sent": checked.value,
-                 "fired": checked.fired, "armed": self.armed}
-        if self.armed:
-            c, target = self.safety, checked.value.tolist()
-            self._send_realtime("servoJ", lambda: self.rtde_c.servoJ(target, c.max_joint_speed, c.max_joint_acc,
-                                                                     self.dt, c.servo_lookahead, c.servo_gain), entry)
-        self._log(entry)
+        self._send_servo("servoJ", q_target, checked)
         self._last_kind = "joint"
         self.v_cmd = (checked.value - self.q_cmd) / self.dt
         self.q_cmd = checked.value
@@ -980,11 +965,24 @@ class UR5Robot:
 
     def servo_tcp(self, pose_target) -> Checked:
         """One servoL command (paced at ``servo_hz``); checked by the envelope, sent only when armed."""
+        self._require_servo()
+        checked, q = self.envelope.servo_tcp(self.pose_cmd, self.v_tcp_cmd, pose_target, self.q_cmd, self.dt)
+        self._send_servo("servoL", pose_target, checked)
+        self._last_kind = "tcp"
+        self.v_tcp_cmd = float(np.linalg.norm(checked.value[:3] - self.pose_cmd[:3])) / self.dt
+        self.pose_cmd = checked.value
+        self.q_cmd = q
+        return checked
+
+    def _require_servo(self) -> None:
         if self.halted is not None:
             raise self.halted
         if not self._servoing:
             raise RobotError("call begin_servo() before streaming servo commands")
-        checked, q = self.envelope.servo_tcp(self.pose_cmd, self.v_tcp_cmd, pose_target, self.q_cmd, self.dt)
+
+    def _send_servo(self, kind: str, target, checked: Checked) -> None:
+        """Pace, check, then send (armed) and log one envelope-checked servoJ/servoL target; the order is the
+        safety contract: the state and the policy watchdog are checked right before anything goes out."""
         self._count(checked.fired)
         self._pace()
         self.check()  # right before sending: safety stops, connection, fresh state
@@ -992,18 +990,15 @@ class UR5Robot:
             self.watchdog.check()
         except RobotHalted as e:
             self.halt(e)
-        entry = {"kind": "servoL", "target": np.asarray(pose_target, float), "sent": checked.value,
+        entry = {"kind": kind, "target": np.asarray(target, float), "sent": checked.value,
                  "fired": checked.fired, "armed": self.armed}
         if self.armed:
-            c, target = self.safety, checked.value.tolist()
-            self._send_realtime("servoL", lambda: self.rtde_c.servoL(target, c.max_joint_speed, c.max_joint_acc,
-                                                                     self.dt, c.servo_lookahead, c.servo_gain), entry)
+            c, sent = self.safety, checked.value.tolist()
+            # the method is looked up inside the call, as every realtime call does: the caller thread keeps no
+            # reference to the ur_rtde object once close() drops it
+            self._send_realtime(kind, lambda: getattr(self.rtde_c, kind)(
+                sent, c.max_joint_speed, c.max_joint_acc, self.dt, c.servo_lookahead, c.servo_gain), entry)
         self._log(entry)
-        self._last_kind = "tcp"
-        self.v_tcp_cmd = float(np.linalg.norm(checked.value[:3] - self.pose_cmd[:3])) / self.dt
-        self.pose_cmd = checked.value
-        self.q_cmd = q
-        return checked
 
     def hold(self) -> None:
         """Repeat the last servo target for one period (keeps the stream and the controller watchdog alive)."""
@@ -1169,8 +1164,6 @@ def _policy_state(st: RobotState, state_dim: int | None, gripper_state: float) -
 
 def _tcp_target(pose_ref: np.ndarray, row: np.ndarray, scale: float) -> np.ndarray:
     """Base-frame TCP delta (dx, dy, dz, droll, dpitch, dyaw) applied to ``pose_ref``."""
-    from scipy.spatial.transform import Rotation
-
     T = pose_to_matrix(pose_ref)
     R = Rotation.from_euler("xyz", row[3:6]).as_matrix() @ T[:3, :3]
     out = np.eye(4)
@@ -1180,8 +1173,6 @@ def _tcp_target(pose_ref: np.ndarray, row: np.ndarray, scale: float) -> np.ndarr
 
 
 def _interp_pose(a: np.ndarray, b: np.ndarray, f: float) -> np.ndarray:
-    from scipy.spatial.transform import Rotation
-
     Ta, Tb = pose_to_matrix(a), pose_to_matrix(b)
     rv = Rotation.from_matrix(Tb[:3, :3] @ Ta[:3, :3].T).as_rotvec()
     T = np.eye(4)

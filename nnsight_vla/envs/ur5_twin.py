@@ -64,6 +64,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+# at import, not on first use: the first moveL would otherwise stall the physics tick (and the stream) ~0.4 s
+from scipy.spatial.transform import Rotation, Slerp
 
 __all__ = [
     "TwinConfig",
@@ -578,8 +580,6 @@ class _Motion:
         return True
 
     def move_l(self, pose1, v: float, a: float) -> bool:
-        from scipy.spatial.transform import Rotation, Slerp
-
         T0 = self.arm.fk(self.q)
         T1 = _pose_to_T(np.asarray(pose1, float))
         q_end, ok = self.arm.ik(T1, self.q)
