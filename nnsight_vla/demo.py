@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from . import files
+
 CONCEPTS = ("fast", "slow")
 #: the paper's UR5 value; at its other value (4) the shipped model's binned actions barely move (README: results)
 DEMO_ALPHA = 10.0
@@ -59,8 +61,7 @@ def run_demo(
     from .plots import plot_all
     from .steering import Steering
     from .training import shipped_path
-    from .training.experiment import (ExperimentConfig, _atomic_text, episode_table, markdown_table,
-                                      plot_key_effects, summary_rows)
+    from .training.experiment import ExperimentConfig, episode_table, markdown_table, plot_key_effects, summary_rows
     from .training.rollouts import RolloutConfig, run_conditions
 
     t0 = time.perf_counter()
@@ -109,9 +110,9 @@ def run_demo(
 
     rows = summary_rows(episode_table(store), conditions)
     frame = pd.DataFrame(rows)
-    _atomic_text(out / "results.csv", frame.to_csv(index=False))
+    files.write_text(out / "results.csv", frame.to_csv(index=False))
     text = markdown_table(rows)
-    _atomic_text(out / "RESULTS.md", (
+    files.write_text(out / "RESULTS.md", (
         f"# nnsight-vla demo\n\nModel: `{model_path}`, alpha = {alpha:g}, {trials} episodes per condition, "
         f"{max_steps} steps.\n\n{text}\n\nΔ% and p (Welch) are against the baseline; disp/step is the mean "
         "end-effector displacement per step.\n"))
@@ -121,7 +122,7 @@ def run_demo(
                "neurons": {c: [list(p) for p in s.pairs] for c, s in sets.items()},
                "control": [list(p) for p in control.pairs], "rows": rows, "plots": plots,
                "seconds": time.perf_counter() - t0}
-    _atomic_text(out / "results.json", json.dumps(results, indent=1, default=float))
+    files.write_text(out / "results.json", json.dumps(results, indent=1, default=float))
 
     shown = frame[["condition", "kind", "episodes", "mean_disp", "mean_disp_pct", "max_height_table"]].copy()
     shown["mean_disp"] = (1000 * shown["mean_disp"]).round(2)

@@ -16,10 +16,11 @@ from typing import Any
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to ``path`` for a writer that wants a file name (``fig.savefig``,
-    ``pq.write_table``, ``frame.to_csv``; ``np.savez`` appends ``.npz`` to names, give it ``open(tmp, "wb")``); when the block ends without error it is synced and renamed onto ``path``, otherwise
-    removed; the parent folder is created. The temp name (``.<name>.<pid>.tmp``) is hidden and matches no
-    ``*.json``-style pattern, so a file left by a killed process is never mistaken for a result; writers that
-    pick a format by suffix must be told the format (``fig.savefig(tmp, format="png")``)."""
+    ``pq.write_table``, ``frame.to_csv``; ``np.savez`` appends ``.npz`` to a name, so give it ``open(tmp, "wb")``).
+    When the block ends without error the file is synced and renamed onto ``path``, otherwise removed; the parent
+    folder is created. The temp name (``.<name>.<pid>-<thread>.tmp``) is hidden and matches no ``*.json``-style
+    pattern, so a file left by a killed process is never mistaken for a result; writers that pick a format by
+    suffix must be told the format (``fig.savefig(tmp, format="png")``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")

@@ -338,10 +338,6 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    files.write_text(path, text)
-
-
 def _jsonable(obj):
     from ..envs.episodes import _jsonable as conv
 
@@ -443,7 +439,7 @@ def run_experiment(out: str | os.PathLike, config: ExperimentConfig, progress: b
         "activation_probe": activation_probe(vla, sets["all"], scene_image),
         "timing": {"rollout_s": rollout_s, "episodes_run": ran, "total_s": time.perf_counter() - t0},
     }
-    _atomic_text(out / "results.json", json.dumps(_jsonable(results), indent=1))
+    files.write_text(out / "results.json", json.dumps(_jsonable(results), indent=1))
     _write_csv(out / "results.csv", rows)
     plots = []
     try:
@@ -454,8 +450,8 @@ def run_experiment(out: str | os.PathLike, config: ExperimentConfig, progress: b
         results["plots_error"] = repr(error)
     plots.append(str(plot_key_effects(rows, out / "plots" / "key_effects.png", config.alpha)))
     results["plots"] = plots
-    _atomic_text(out / "results.json", json.dumps(_jsonable(results), indent=1))
-    _atomic_text(out / "RESULTS.md", report_markdown(results))
+    files.write_text(out / "results.json", json.dumps(_jsonable(results), indent=1))
+    files.write_text(out / "RESULTS.md", report_markdown(results))
     return results
 
 
@@ -489,7 +485,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     writer.writeheader()
     for r in rows:
         writer.writerow({k: r.get(k) for k in keys})
-    _atomic_text(path, buf.getvalue())
+    files.write_text(path, buf.getvalue())
 
 
 def report_markdown(results: dict) -> str:
