@@ -55,3 +55,23 @@ def _eventually(check, timeout: float = 5.0, interval: float = 0.01):
 def eventually():
     """``eventually(lambda: <assertion or bool>, timeout=5.0)``: poll a state check instead of sleeping."""
     return _eventually
+
+
+@pytest.fixture(scope="session")
+def until_halted(eventually):
+    """``until_halted(robot, timeout=5.0)``: call ``robot.check()`` (what the runner does before every command)
+    until it raises :class:`RobotHalted`, and return that exception; the client's 125 Hz stream shows a
+    controller-side stop a little after it happened."""
+    from nnsight_vla.envs.safety import RobotHalted
+
+    def wait(robot, timeout: float = 5.0):
+        def halted():
+            try:
+                robot.check()
+            except RobotHalted as e:
+                return e
+            return False
+
+        return eventually(halted, timeout=timeout)
+
+    return wait

@@ -346,7 +346,7 @@ def test_rule_state_protective_stop_halts_and_never_resumes(twin, eventually):
         robot.close()
 
 
-def test_rule_state_emergency_stop_and_stale_state(twin, eventually):
+def test_rule_state_emergency_stop_and_stale_state(twin, eventually, until_halted):
     _reset(twin)
     with UR5Robot(twin.host, armed=True, safety=SafetyConfig(**LOOSE),
                   config=UR5Config(gripper="none", home_q=None)) as robot:
@@ -359,16 +359,8 @@ def test_rule_state_emergency_stop_and_stale_state(twin, eventually):
     # stale state: a controller that stays connected but stops streaming (default 0.2 s limit)
     with UR5Robot(twin.host, armed=False, config=UR5Config(gripper="none", home_q=None)) as robot:
         twin.admin("pause_stream", seconds=2.0)
-
-        def halted_as_stale():  # what a runner does: check before every command
-            try:
-                robot.check()
-            except RobotHalted as e:
-                return e
-            return False
-
         # polled, not slept: a loaded client may still be reading packages queued before the pause
-        assert re.search(r"robot state is 0\.\d+ s old", str(eventually(halted_as_stale, timeout=1.8)))
+        assert re.search(r"robot state is 0\.\d+ s old", str(until_halted(robot, timeout=1.8)))
     env = SafetyEnvelope()
     with pytest.raises(RobotHalted, match="old"):
         env.check_state(connected=True, safety_mode=1, robot_mode=7, state_age_s=1.0)

@@ -386,7 +386,7 @@ def test_killing_the_twin_stops_the_runner_within_one_control_period(tmp_path):
     tw.stop()
 
 
-def test_controller_watchdog_stops_the_program(twin, eventually):
+def test_controller_watchdog_stops_the_program(twin, eventually, until_halted):
     """With controller_watchdog_hz set, the controller stops the program when commands stop arriving
     (e.g. the runner's process died); the runner then refuses to continue."""
     _reset(twin)
@@ -398,15 +398,7 @@ def test_controller_watchdog_stops_the_program(twin, eventually):
         time.sleep(0.1)  # silence > 1 / 10 Hz
         eventually(lambda: twin.admin("status")["runtime_state"] == "STOPPED")
         assert twin.admin("stats")["watchdog_stops"] >= 1
-
-        def halted():  # the client's stream shows the stop a little after the controller: check until it halts
-            try:
-                robot.check()
-            except Exception as e:
-                return e
-            return False
-
-        assert "control program stopped" in str(eventually(halted))
+        assert "control program stopped" in str(until_halted(robot))
         with pytest.raises(Exception, match="control program stopped"):
             robot.servo_joint(HOME)
     _reset(twin)
