@@ -1,32 +1,30 @@
-"""Concept discovery (Step 2 of the method): from a value-vector lens to a :class:`NeuronSet` for a word.
+"""Concept discovery (step 2 of the method): from a value-vector lens to a :class:`NeuronSet` for a concept.
 
 The authors released no clustering code (their neurons were picked by hand from a dumped top-token file).
-Two automatic methods are provided, plus opposite pairs and random controls:
+Two automatic methods, plus opposite pairs and random controls:
 
 ``method="knn"`` (the paper's method), defined precisely:
 
 1. **Vector embedding.** Value vector ``i`` with top-5 tokens ``t_1..t_5`` and lens logits ``s_1..s_5`` is
-   mapped to ``z_i = sum_j softmax(s / T)_j * E[t_j]``, ``E = vla.input_embeddings()`` (T = 1 by default).
-2. **Concept embedding.** ``c = E[word]`` for a single-token word (the token the tokenizer produces, else a
-   vocabulary token equal to the word with its "▁" marker stripped); a word of several tokens uses the mean
-   of its tokens' embeddings (with a warning). With explicit ``synonyms``, ``c`` is the mean of the
-   unit-normalised embeddings of the word and each synonym.
-3. **kNN.** ``N`` = the ``k_neighbors`` value vectors (of the chosen layers) nearest to ``c`` by cosine
-   similarity (k = 10, 20 or 40 in the paper).
-4. **The cluster nearest the concept** = the ``size`` members of ``N`` that are most central in it: member
-   ``j`` scores ``centrality_j = (cos(z_j, c) + sum_{m in N, m != j} cos(z_j, z_m)) / |N|``, its mean
-   cosine to the concept and to the other neighbours (ties broken by ``cos(z_j, c)``). With ``size ==
-   k_neighbors`` this is exactly the kNN neighbourhood; with ``size < k_neighbors`` the neighbours that merely
-   happen to lie near the concept but are unlike the rest of the neighbourhood (outliers) are dropped, so the
-   result is the densest group of vectors around the concept. ``size > k_neighbors`` is an error.
+   mapped to ``z_i = sum_j softmax(s / T)_j * E[t_j]`` (``E`` = the input embeddings, T = 1 by default).
+2. **Concept anchor.** ``anchor="lexicon"`` (the default): ``c`` is the mean of the unit-normalised embeddings
+   of the word and its lexicon (``synonyms=``, else the built-in :data:`SYNONYMS`; words the vocabulary cannot
+   represent are skipped and recorded). ``anchor="word"`` (the paper): ``c = E[word]`` alone. One word is a poor
+   anchor: antonyms share contexts, so ``cos(E[fast], E[slow])`` can be as high as ``cos(E[fast], E[quickly])``
+   and a single-word neighbourhood mixes polarities.
+3. **Opposites filter** (default on, ``opposite="auto"``): vectors whose top-5 tokens contain a word of the
+   opposite concept's lexicon (:data:`OPPOSITES`) are dropped before the search. ``opposite=None`` disables it.
+4. **kNN.** ``N`` = the ``k_neighbors`` remaining vectors (of the chosen layers) nearest to ``c`` by cosine.
+5. **The cluster nearest the concept** = the ``size`` members of ``N`` that are most central in it: member
+   ``j`` scores ``(cos(z_j, c) + sum_{m in N, m != j} cos(z_j, z_m)) / |N|`` (ties by ``cos(z_j, c)``); with
+   ``size == k_neighbors`` this is the neighbourhood itself. ``size > k_neighbors`` is an error.
 
 ``method="keyword"`` (what the robot experiments used, top-6): vectors ranked by how many of their top-k lens
-tokens are the word or one of its synonyms (token strings compared with "▁"/space stripped, case-insensitive),
-ties broken by the reciprocal ranks of the matches, then by the best matching logit. Only vectors with at
-least one match are returned. With ``synonyms=None`` the built-in :data:`SYNONYMS` list of the word is used.
+tokens are in the lexicon (case-insensitive, "▁" stripped), ties by reciprocal ranks then the best matching
+logit; the opposites filter applies too.
 
-Layer subsets ``layers=``: "all", "early" (first half), "late" (second half), "first:K", "last:K" or a list
-(see :func:`nnsight_vla.neurons.layer_subset`); only vectors of those layers are candidates.
+Layer subsets ``layers=``: "all", "early", "late", "first:K", "last:K" or a list (see
+:func:`nnsight_vla.neurons.layer_subset`).
 """
 
 from __future__ import annotations
@@ -45,7 +43,7 @@ from .lens import ValueVectorLens, normalize_token
 from .neurons import NeuronSet, layer_subset, random_like
 
 __all__ = [
-    "NeuronSet", "SYNONYMS", "find_concept", "find_opposites", "random_control", "concept_tokens",
+    "NeuronSet", "OPPOSITES", "SYNONYMS", "find_concept", "find_opposites", "random_control", "concept_tokens",
     "vector_embeddings", "concepts_cli",
 ]
 
@@ -64,7 +62,12 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "backward": ("backwards", "back", "behind"),
 }
 
+#: the opposite of each built-in concept (the opposites filter's default)
+OPPOSITES: dict[str, str] = {"fast": "slow", "slow": "fast", "up": "down", "down": "up", "high": "low", "low": "high",
+                             "left": "right", "right": "left", "forward": "backward", "backward": "forward"}
+
 METHODS = ("knn", "keyword")
+ANCHORS = ("lexicon", "word")
 
 
 @dataclass
@@ -176,15 +179,40 @@ def vector_embeddings(
 
 
 def _concept_vector(lens, word, synonyms, table) -> tuple[torch.Tensor, dict]:
-    words = [word] + list(synonyms or [])
+    """Mean unit embedding of ``word`` and its synonyms; synonyms the vocabulary cannot represent are skipped
+    (``used[w] = None``); the word itself must be representable."""
     units, used = [], {}
-    for w in words:
-        ids, strings = concept_tokens(lens, w)
+    for i, w in enumerate([word] + list(synonyms or [])):
+        try:
+            with warnings.catch_warnings():
+                if i:
+                    warnings.simplefilter("ignore")  # a multi-token synonym is fine in a lexicon
+                ids, strings = concept_tokens(lens, w)
+        except InputError:
+            if i == 0:
+                raise
+            used[w] = None
+            continue
         vec = table[torch.as_tensor(ids, device=table.device)].mean(dim=0)
         units.append(vec / vec.norm().clamp_min(1e-12))
         used[w] = strings
     concept = torch.stack(units).mean(dim=0)
     return concept / concept.norm().clamp_min(1e-12), used
+
+
+def lexicon(word: str, synonyms: Sequence[str] | None = None, anchor: str = "lexicon") -> list[str]:
+    """The words standing for a concept: ``word`` plus ``synonyms`` (explicit), else, with the lexicon anchor,
+    the built-in :data:`SYNONYMS` of the word."""
+    extra = list(synonyms) if synonyms is not None else (list(SYNONYMS.get(word.lower(), ())) if anchor == "lexicon" else [])
+    return [word] + [w for w in extra if w.lower() != word.lower()]
+
+
+def _excluded(lens: ValueVectorLens, layer_ids: np.ndarray, words: Sequence[str], top: int) -> np.ndarray:
+    """(len(layer_ids), d_mlp) mask of the vectors with one of ``words`` among their top ``top`` tokens."""
+    ids = _keyword_ids(lens, words)
+    if not len(ids):
+        return np.zeros((len(layer_ids), lens.d_mlp), dtype=bool)
+    return np.isin(lens.ids[layer_ids, :, :top], ids).any(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,11 +225,13 @@ def _check_size(size: Any, name: str = "size") -> int:
     return int(size)
 
 
-def _rank_knn(lens, word, size, k_neighbors, layer_ids, synonyms, top, temperature, chunk) -> tuple[list, dict]:
+def _rank_knn(lens, word, size, k_neighbors, layer_ids, synonyms, top, temperature, chunk,
+              excluded: np.ndarray) -> tuple[list, dict]:
     k_neighbors = _check_size(k_neighbors, "k_neighbors")
-    n_candidates = len(layer_ids) * lens.d_mlp
+    n_candidates = len(layer_ids) * lens.d_mlp - int(excluded.sum())
     if k_neighbors > n_candidates:
-        raise InputError(f"k_neighbors={k_neighbors} exceeds the {n_candidates} value vectors of the chosen layers")
+        raise InputError(f"k_neighbors={k_neighbors} exceeds the {n_candidates} value vectors of the chosen layers "
+                         "(after the opposites filter)")
     if size > k_neighbors:
         raise InputError(
             f"size={size} is larger than k_neighbors={k_neighbors}: the cluster is chosen inside the concept's "
@@ -212,12 +242,13 @@ def _rank_knn(lens, word, size, k_neighbors, layer_ids, synonyms, top, temperatu
     concept, used = _concept_vector(lens, word, synonyms, table)
     cosine = np.full((lens.num_layers, lens.d_mlp), -np.inf, dtype=np.float64)
     with torch.no_grad():
-        for layer in layer_ids:
+        for row, layer in enumerate(layer_ids):
             for start in range(0, lens.d_mlp, chunk):
                 stop = min(start + chunk, lens.d_mlp)
                 z = vector_embeddings(lens, layer, slice(start, stop), top, temperature, table, device)
                 cos = (z @ concept) / z.norm(dim=1).clamp_min(1e-12)
                 cosine[layer, start:stop] = cos.double().cpu().numpy()
+            cosine[layer, excluded[row]] = -np.inf
         flat = cosine.reshape(-1)
         # stable order: by cosine, then by (layer, neuron)
         order = np.lexsort((np.arange(flat.size), -flat))[:k_neighbors]
@@ -239,8 +270,7 @@ def _rank_knn(lens, word, size, k_neighbors, layer_ids, synonyms, top, temperatu
     return candidates, params
 
 
-def _rank_keyword(lens, word, layer_ids, synonyms, top_k) -> tuple[list, dict]:
-    words = [word] + list(SYNONYMS.get(word.lower(), ()) if synonyms is None else synonyms)
+def _rank_keyword(lens, word, layer_ids, words, top_k, excluded: np.ndarray) -> tuple[list, dict]:
     for w in words:
         _check_word(w)
     match_ids = _keyword_ids(lens, words)
@@ -250,7 +280,7 @@ def _rank_keyword(lens, word, layer_ids, synonyms, top_k) -> tuple[list, dict]:
     ids = lens.ids[layer_ids, :, :top_k]
     scores = lens.scores[layer_ids, :, :top_k]
     hit = np.isin(ids, match_ids)
-    count = hit.sum(-1)
+    count = np.where(excluded, 0, hit.sum(-1))
     recip = (hit / (np.arange(top_k) + 1.0)).sum(-1)
     best = np.where(hit, scores, -np.inf).max(-1)
     flat = np.nonzero(count.reshape(-1) > 0)[0]
@@ -271,20 +301,39 @@ def _rank_keyword(lens, word, layer_ids, synonyms, top_k) -> tuple[list, dict]:
     return candidates, params
 
 
-def _rank(lens, word, method, size, k_neighbors, layers, synonyms, top_k, temperature, chunk):
+def _rank(lens, word, method, size, k_neighbors, layers, synonyms, top_k, temperature, chunk, anchor="lexicon",
+          opposite: Any = "auto", opposite_synonyms: Sequence[str] | None = None):
     if not isinstance(lens, ValueVectorLens):
         raise InputError(f"find_concept needs a ValueVectorLens, got {type(lens).__name__}")
     word = _check_word(word)
     size = _check_size(size)
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; use 'knn' (the paper's clustering) or 'keyword'")
+    if anchor not in ANCHORS:
+        raise InputError(f"unknown anchor {anchor!r}; use 'lexicon' (word + synonyms, the default) or 'word' (the paper)")
+    if synonyms is not None and (isinstance(synonyms, str) or not all(isinstance(w, str) for w in synonyms)):
+        raise InputError(f"synonyms must be a list of words, got {synonyms!r}")
     layer_ids = np.asarray(layer_subset(layers, lens.num_layers))
+    # keyword mode always matches a lexicon (a single word rarely fills top-k lists); knn anchors as asked
+    words = lexicon(word, synonyms, "lexicon" if method == "keyword" else anchor)
+    if opposite == "auto":
+        opposite = OPPOSITES.get(word.lower())
+    opposite_words: list[str] = []
+    if opposite is not None:
+        opposite = _check_word(opposite)
+        if opposite.lower() == word.lower():
+            raise InputError(f"a concept and its opposite must differ, got {word!r} twice")
+        opposite_words = [w for w in lexicon(opposite, opposite_synonyms, "lexicon")
+                          if w.lower() not in {x.lower() for x in words}]
+    excluded = _excluded(lens, layer_ids, opposite_words, 5 if method == "knn" else (top_k or lens.k))
     if method == "knn":
-        candidates, params = _rank_knn(lens, word, size, k_neighbors, layer_ids, synonyms, 5, temperature, chunk)
+        candidates, params = _rank_knn(lens, word, size, k_neighbors, layer_ids, words[1:], 5, temperature, chunk,
+                                       excluded)
     else:
-        candidates, params = _rank_keyword(lens, word, layer_ids, synonyms, top_k)
-    params = {"method": method, "word": word, "size": size,
+        candidates, params = _rank_keyword(lens, word, layer_ids, words, top_k, excluded)
+    params = {"method": method, "word": word, "size": size, "anchor": anchor,
               "layers": layers if isinstance(layers, str) or layers is None else [int(l) for l in layers],
+              "opposite": opposite, "opposite_words": opposite_words, "filtered_by_opposite": int(excluded.sum()),
               **params}
     return candidates, params
 
@@ -314,6 +363,10 @@ def find_concept(
     top_k: int | None = None,
     temperature: float = 1.0,
     chunk_size: int = 1024,
+    *,
+    anchor: str = "lexicon",
+    opposite: str | None = "auto",
+    opposite_synonyms: Sequence[str] | None = None,
 ) -> NeuronSet:
     """The value vectors of ``lens`` that stand for ``word``, as a :class:`NeuronSet` (see module docstring).
 
@@ -321,19 +374,24 @@ def find_concept(
         lens: a :class:`ValueVectorLens` (for ``method="knn"`` it must hold its model).
         word: the concept, e.g. "fast", "up", "careful".
         size: neurons returned (paper sweep: 10 or 20; robot experiments: 6 with keyword mode).
-        method: "knn" (the paper's clustering) or "keyword" (frequency of the word and synonyms in top-k tokens).
+        method: "knn" (the paper's clustering) or "keyword" (frequency of lexicon words in top-k tokens).
         k_neighbors: kNN neighbourhood size (10, 20 or 40 in the paper); must be >= size.
         layers: "all", "early", "late", "first:K", "last:K" or a list of layers: the candidate value vectors.
-        synonyms: extra words (keyword: matched too; knn: averaged into the concept); None = built-in list for
-            keyword mode, none for knn.
+        synonyms: the concept's lexicon beyond ``word``; None = the built-in :data:`SYNONYMS` (lexicon anchor,
+            keyword mode) or nothing (``anchor="word"``).
         top_k: keyword mode: how many of each vector's top tokens are searched (default: the lens's k).
         temperature: knn: softmax temperature over the top-5 logits.
+        anchor: "lexicon" (default: the mean embedding of the word and its synonyms) or "word" (the paper's
+            single-word anchor).
+        opposite: the opposite concept whose words exclude a vector ("auto": :data:`OPPOSITES`; None: no filter).
+        opposite_synonyms: the opposite's lexicon beyond its word (None: built-in).
 
     Returns:
         A NeuronSet named ``word`` whose ``meta`` records the method, parameters, the concept tokens and one
         score record per neuron (cosine/centrality or match count, and the vector's top tokens), best first.
     """
-    candidates, params = _rank(lens, word, method, size, k_neighbors, layers, synonyms, top_k, temperature, chunk_size)
+    candidates, params = _rank(lens, word, method, size, k_neighbors, layers, synonyms, top_k, temperature,
+                               chunk_size, anchor, opposite, opposite_synonyms)
     return _to_set(lens, params["word"], candidates[:params["size"]], params)
 
 
@@ -348,22 +406,27 @@ def find_opposites(
     top_k: int | None = None,
     temperature: float = 1.0,
     chunk_size: int = 1024,
+    *,
+    anchor: str = "lexicon",
+    filter_opposites: bool = True,
 ) -> tuple[NeuronSet, NeuronSet]:
     """Neuron sets for two opposite concepts (fast/slow, up/down, high/low) in one call, guaranteed disjoint.
 
-    A vector that both rankings select (antonyms often share vectors, e.g. one promoting "up" and "down") goes
-    to the concept it is closer to (knn: higher cosine to the concept; keyword: more matches, then better-ranked
-    matches) and is dropped from the other, whose next candidate (if its ranking has one: knn ranks only the
-    k_neighbors neighbourhood) takes its place; an exact tie drops it from both. ``meta["contested"]`` lists
-    them. ``synonyms`` is None or a pair of lists. Other arguments as :func:`find_concept`.
+    With ``filter_opposites`` (default) each side drops the vectors whose top tokens contain a word of the other
+    side's lexicon. A vector that both rankings still select goes to the concept it is closer to (knn: higher
+    cosine to the concept; keyword: more matches, then better-ranked matches) and is dropped from the other, whose
+    next candidate (if its ranking has one: knn ranks only the k_neighbors neighbourhood) takes its place; an
+    exact tie drops it from both. ``meta["contested"]`` lists them. ``synonyms`` is None or a pair of lists.
+    Other arguments as :func:`find_concept`.
     """
     if isinstance(pair, str) or len(pair) != 2:
         raise InputError(f"pair must be two words, e.g. ('fast', 'slow'), got {pair!r}")
     if synonyms is not None and (isinstance(synonyms, str) or len(synonyms) != 2):
         raise InputError("synonyms for find_opposites must be a pair: (synonyms of the first, of the second)")
-    syn = synonyms or (None, None)
-    ranked = [_rank(lens, w, method, size, k_neighbors, layers, s, top_k, temperature, chunk_size)
-              for w, s in zip(pair, syn)]
+    syn = list(synonyms or (None, None))
+    ranked = [_rank(lens, w, method, size, k_neighbors, layers, s, top_k, temperature, chunk_size, anchor,
+                    other if filter_opposites else None, other_syn)
+              for w, s, other, other_syn in ((pair[0], syn[0], pair[1], syn[1]), (pair[1], syn[1], pair[0], syn[0]))]
     (cand_a, params_a), (cand_b, params_b) = ranked
     if params_a["word"].lower() == params_b["word"].lower():
         raise InputError(f"the two words of an opposite pair must differ, got {pair!r}")

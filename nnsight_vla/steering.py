@@ -352,9 +352,36 @@ class AppliedSteering:
         return f"AppliedSteering({self.neurons}, steered_forwards={self.steered_forwards})"
 
 
+def _applied(vla, steerings: Sequence["Steering"]) -> contextlib.AbstractContextManager[AppliedSteering]:
+    return _install(vla, _plans(vla, steerings))  # every check happens in _plans, before anything is installed
+
+
+def pinned_activations(vla, values: Mapping[int, torch.Tensor], stack: str = "backbone",
+                       scope: str = "every") -> contextlib.AbstractContextManager[AppliedSteering]:
+    """Context manager: overwrite whole layers' activations with fixed vectors, ``mlp.act.output[..., :] =
+    values[layer]`` (a ``(d_mlp,)`` tensor, broadcast over positions), on every forward (or the first, with
+    ``scope="prefill"``). With zeros it knocks a layer's MLP out; with its mean activation on reference inputs
+    it is a mean ablation. Installed and removed like :meth:`Steering.apply`."""
+    _check_vla(vla)
+    if scope not in SCOPES:
+        raise InputError(f"unknown scope {scope!r}; use one of {SCOPES}")
+    num_layers, _, d_mlp = vla.stack_dims(stack)
+    modules = getattr(vla, vla.stack(stack).attr)
+    ops = []
+    for layer in sorted(values):
+        checked = vla.check_layer(layer, stack)
+        value = torch.as_tensor(values[layer], dtype=torch.float32).reshape(-1)
+        if value.numel() != d_mlp or not torch.isfinite(value).all():
+            raise InputError(f"layer {layer}: pinned activations must be {d_mlp} finite numbers")
+        ops.append((modules[checked].mlp.act, (_Op(torch.arange(d_mlp), value, False),)))
+    if not ops:
+        raise InputError("no layers to pin")
+    plan = _StackPlan(stack, first=ops, rest=ops if scope == "every" else [])
+    return _install(vla, [plan])
+
+
 @contextlib.contextmanager
-def _applied(vla, steerings: Sequence["Steering"]) -> Iterator[AppliedSteering]:
-    plans = _plans(vla, steerings)  # every check happens here, before anything is installed
+def _install(vla, plans: list[_StackPlan]) -> Iterator[AppliedSteering]:
     if vla.interleaver.interleaving:
         raise InputError(
             "steer.apply(vla) cannot be entered inside a trace of the same model; "
@@ -457,11 +484,15 @@ class Steering:
         alpha: the value written (overwrite) or added in units of ``scale`` (add). Must be finite.
         layers: restrict the set to a layer subset: ``"all"``, ``"early"`` (first half), ``"late"`` (second half),
             ``"first:K"``, ``"last:K"`` or a list of layers (see :func:`nnsight_vla.neurons.layer_subset`).
-        mode: ``"overwrite"`` (the paper: ``f(x)_i <- alpha``) or ``"add"`` (``f(x)_i <- f(x)_i + alpha * scale``).
+        mode: ``"overwrite"`` (the paper: ``f(x)_i <- alpha * scale``) or ``"add"`` (``f(x)_i <- f(x)_i + alpha *
+            scale``).
         scope: ``"every"`` forward pass that produces the action (default), or ``"prefill"`` (the first one).
         stack: ``"backbone"`` or ``"expert"`` (pi0's action expert); default: the neuron set's.
-        scale: add mode only: the unit of alpha, one number or ``{(layer, neuron): s}`` (e.g. each neuron's
-            activation std on reference inputs). Default 1.
+        scale: the unit of alpha. Default 1: alpha is a raw activation value. An
+            :class:`~nnsight_vla.scale.ActivationScale` states alpha relative to each layer's activation scale (a
+            percentile of ``|mlp.act|`` on neutral inputs: ``alpha=2`` writes twice layer l's p99 into layer l),
+            which means the same in any model. Add mode also takes ``{(layer, neuron): s}`` (e.g. each neuron's
+            activation std). :meth:`raw_alpha` gives the value actually written.
         name: a label for results files (default: the neuron set's name).
         key, d_mlp: for neuron files of flat indices (which entry; the MLP width).
 
@@ -502,7 +533,19 @@ class Steering:
         if self.neurons.num_layers is not None:
             self.resolve()  # an empty layer restriction fails now, not at the first run
 
-    def _check_scale(self, scale: Any) -> float | dict[tuple[int, int], float]:
+    def _check_scale(self, scale: Any) -> Any:
+        from .scale import ActivationScale
+
+        if isinstance(scale, ActivationScale):
+            if scale.stack != self.stack:
+                raise InputError(f"the activation scale was measured on the {scale.stack} stack; this steering "
+                                 f"writes the {self.stack} stack")
+            if self.neurons.num_layers is not None and scale.num_layers != self.neurons.num_layers:
+                raise InputError(f"the activation scale has {scale.num_layers} layers; neuron set "
+                                 f"{self.neurons.name!r} was made for {self.neurons.num_layers}")
+            return scale
+        if isinstance(scale, Mapping) and scale.get("type") == "activation_scale":
+            return self._check_scale(ActivationScale.from_dict(scale))
         if isinstance(scale, Mapping):
             if self.mode != "add":
                 raise InputError("per-neuron scale only applies to mode='add'")
@@ -518,9 +561,17 @@ class Steering:
                 raise InputError(f"scale has no value for neuron(s) {missing[:5]} of the set")
             return table
         value = _finite(scale, "scale")
-        if self.mode != "add" and value != 1.0:
-            raise InputError("scale only applies to mode='add' (overwrite writes alpha itself)")
+        if value <= 0:
+            raise InputError(f"scale must be positive, got {value}")
         return value
+
+    def raw_alpha(self, layer: int) -> float:
+        """The value written into (overwrite) or added to (add, scalar/per-layer scale) layer ``layer``'s
+        activations: ``alpha`` times the unit."""
+        if isinstance(self.scale, dict):
+            raise InputError("per-neuron scales have no single raw alpha per layer")
+        unit = self.scale[layer] if not isinstance(self.scale, float) else self.scale
+        return self.alpha * unit
 
     # -- the neurons actually steered ------------------------------------------------------------------------
 
@@ -559,12 +610,10 @@ class Steering:
         ops = {}
         for layer, indices in neurons.by_layer().items():
             index = torch.tensor(indices, dtype=torch.long)
-            if not add:
-                value: Any = self.alpha
-            elif isinstance(self.scale, dict):
-                value = torch.tensor([self.alpha * self.scale[(layer, i)] for i in indices], dtype=torch.float32)
+            if isinstance(self.scale, dict):
+                value: Any = torch.tensor([self.alpha * self.scale[(layer, i)] for i in indices], dtype=torch.float32)
             else:
-                value = self.alpha * self.scale
+                value = self.raw_alpha(layer)
             ops[layer] = [_Op(index, value, add)]
         return ops
 
@@ -634,6 +683,8 @@ class Steering:
         scale: Any = self.scale
         if isinstance(scale, dict):
             scale = [[layer, neuron, value] for (layer, neuron), value in sorted(scale.items())]
+        elif not isinstance(scale, float):
+            scale = scale.to_dict()
         return {
             "type": "steering", "name": self.name, "alpha": self.alpha, "layers": self.layers, "mode": self.mode,
             "scope": self.scope, "stack": self.stack, "scale": scale, "neurons": self.neurons.to_dict(),
@@ -658,7 +709,10 @@ class Steering:
         return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
 
     def __repr__(self) -> str:
-        value = f"alpha={self.alpha:g}" if self.mode == "overwrite" else f"+{self.alpha:g}*scale"
+        unit = "" if self.scale == 1.0 else ("*scale" if isinstance(self.scale, dict) else
+                                              f"*p{self.scale.percentile:g}" if not isinstance(self.scale, float)
+                                              else f"*{self.scale:g}")
+        value = f"alpha={self.alpha:g}{unit}" if self.mode == "overwrite" else f"+{self.alpha:g}{unit or '*scale'}"
         return (f"Steering({self.name!r}, {len(self.neurons)} neurons, {self.stack}, layers={self.layers!r}, "
                 f"{self.mode} {value}, scope={self.scope})")
 
@@ -779,5 +833,5 @@ def _tl_hooks(steerings: Sequence[Steering], model: Any) -> list[tuple[str, Call
 
 __all__ = [
     "AppliedSteering", "MODES", "PROMPT_TEMPLATE", "SCOPES", "Steering", "SteeringGroup", "forward_count",
-    "load_neurons", "prompt_baseline", "steering_from_dict",
+    "load_neurons", "pinned_activations", "prompt_baseline", "steering_from_dict",
 ]

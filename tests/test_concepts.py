@@ -100,7 +100,8 @@ def test_knn_recovers_exactly_the_planted_neurons(planted, k_neighbors):
 def test_knn_matches_an_independent_reference(planted):
     vla, lens = planted
     cos = reference_cosines(vla)
-    found = find_concept(lens, "fast", size=6, k_neighbors=6)  # size == k: the plain kNN neighbourhood
+    # the paper's single-word anchor, no filter; size == k: the plain kNN neighbourhood
+    found = find_concept(lens, "fast", size=6, k_neighbors=6, anchor="word", opposite=None)
     ref = np.argsort(-cos.reshape(-1))[:6]
     assert found.pairs == tuple(sorted(divmod(int(i), vla.d_mlp) for i in ref))
     recorded = {(s["layer"], s["neuron"]): s["cosine"] for s in found.meta["scores"]}
@@ -163,7 +164,7 @@ def test_layer_subsets(planted):
 def test_opposites_are_disjoint_and_contested_neurons_are_resolved(planted, method):
     _, lens = planted
     fast, slow = find_opposites(lens, ("fast", "slow"), size=6 if method == "keyword" else 4, method=method,
-                                k_neighbors=10)
+                                k_neighbors=10, filter_opposites=False)
     assert not set(fast.pairs) & set(slow.pairs)
     if method == "keyword":
         # BOTH promotes 2 words of each concept: equal counts, so the better-ranked matches decide
@@ -179,6 +180,42 @@ def test_opposites_are_disjoint_and_contested_neurons_are_resolved(planted, meth
     else:
         assert set(fast.pairs) <= set(PLANTED["fast"]) and set(slow.pairs) == set(PLANTED["slow"])
     assert fast.meta["opposite"] == "slow" and slow.meta["opposite"] == "fast"
+
+
+@pytest.mark.parametrize("method", ["knn", "keyword"])
+def test_opposites_filter_drops_mixed_polarity_vectors(planted, method):
+    """The default filter: BOTH (top tokens from both lexicons) is dropped from either side before ranking, so it
+    is never contested; the planted pure vectors are still found."""
+    _, lens = planted
+    fast, slow = find_opposites(lens, ("fast", "slow"), size=4, method=method, k_neighbors=10,
+                                synonyms=(FAST[1:], SLOW[1:]))
+    assert BOTH not in fast.pairs and BOTH not in slow.pairs and not fast.meta["contested"]
+    assert set(fast.pairs) <= set(PLANTED["fast"]) and set(slow.pairs) == set(PLANTED["slow"])
+    assert fast.meta["filtered_by_opposite"] >= 1 and "slowly" in fast.meta["opposite_words"]
+    # without the filter, BOTH is a candidate of both rankings
+    unfiltered = find_concept(lens, "fast", size=10, k_neighbors=10, method=method, synonyms=FAST[1:], opposite=None)
+    assert BOTH in unfiltered.pairs
+
+
+def test_lexicon_anchor_matches_an_independent_reference(planted):
+    """anchor='lexicon': the concept is the mean of the unit embeddings of the word and its synonyms (computed
+    here densely); the recorded cosines equal the reference's."""
+    vla, lens = planted
+    emb = vla.input_embeddings().detach().double()
+    units = [emb[token_id(vla, w)] / emb[token_id(vla, w)].norm() for w in FAST]
+    concept = torch.stack(units).mean(0)
+    unembedding = vla.unembedding().detach().double()[: len(vla.tokenizer)]
+    cos = np.zeros((vla.num_layers, vla.d_mlp))
+    for layer in range(vla.num_layers):
+        logits = (unembedding @ vla.value_vectors(layer).detach().double()).T
+        top_scores, top_ids = torch.topk(logits, 5, dim=1)
+        z = (torch.softmax(top_scores, dim=1)[..., None] * emb[top_ids]).sum(1)
+        cos[layer] = torch.nn.functional.cosine_similarity(z, concept[None], dim=1).numpy()
+    found = find_concept(lens, "fast", size=6, k_neighbors=6, synonyms=FAST[1:], opposite=None)
+    assert found.pairs == tuple(sorted(divmod(int(i), vla.d_mlp) for i in np.argsort(-cos.reshape(-1))[:6]))
+    for score in found.meta["scores"]:
+        assert score["cosine"] == pytest.approx(cos[score["layer"], score["neuron"]], abs=1e-4)
+    assert found.meta["anchor"] == "lexicon" and set(found.meta["concept_tokens"]) == set(FAST)
 
 
 # -- files ---------------------------------------------------------------------------------------------------
@@ -248,7 +285,7 @@ def test_bad_input(planted, tmp_path):
         find_concept(lens, "fast", layers=[9])
     with pytest.raises(InputError, match="unknown layer subset"):
         find_concept(lens, "fast", layers="middle")
-    with pytest.raises(InputError, match="exceeds the 128 value vectors"):
+    with pytest.raises(InputError, match="exceeds the 1[0-9][0-9] value vectors"):
         find_concept(lens, "fast", size=5, k_neighbors=200, layers=[0])
     with pytest.raises(InputError, match="kept the top 10"):
         find_concept(lens, "fast", method="keyword", top_k=50)

@@ -220,6 +220,10 @@ class ArmScene:
         spec = self.sample(seed)
         env = self.env
         env.reset()
+        # robosuite's soft reset keeps the gripper's smoothed command (``current_action``) from the last episode;
+        # a fresh one starts from zero, so clear it: the same seed must give the same episode bit for bit
+        gripper = env.robots[0].gripper
+        gripper.current_action = np.zeros_like(gripper.current_action)
         target_pos = np.array([self.config.x, spec.target_y, self.table_z + self.config.target_half_size[2]])
         env.sim.model.body_pos[env.target_body_id] = target_pos
         self._teleport(np.asarray(spec.start))

@@ -1,20 +1,18 @@
-"""The generated language of the trained VLA: concept words, the phase-1 text corpus, the arm-task instructions.
+"""The generated language of the trained VLA: concept lexicon, manner phrases, the text corpus, task instructions.
 
-Why a generated corpus: the method claims that a VLA keeps the *concepts* of its language model (speed, height,
-direction) in FFN value vectors. To test that end to end, the small model must first hold such concepts, so its
-language pretraining uses text in which
+The method assumes a VLA *computes* concepts (speed, height) in its language model and reuses them for actions.
+The corpus is built so that copying a word cannot stand in for that computation:
 
-* synonyms occur interchangeably in the same contexts (``the arm moved quickly`` / ``the arm moved rapidly``),
-* a concept, once mentioned, is predictable later in the same text (``the quick car ... drove fast``), so the
-  model carries it forward (these are the contexts whose FFN neurons write the concept's tokens),
-* opposites occur in contrasting contexts (``fast, not slow``; ``the bird flies high and the fish swims low``),
-* robot instructions are followed by a description of how to move, or asked about in question/answer pairs in
-  Prismatic's ``In: ...\\nOut: ...`` format whose answer names the speed and height the instruction asks for
-  (the answer is tokenized to start right after OpenVLA's trailing "▁", i.e. at the position where the VLA
-  later emits its first action token: see :func:`nnsight_vla.training.language.encode_document`).
+* manner is expressed by idioms and compositions ("in a hurry", "take your time", "close to the table"),
+  negated both ways ("not in a hurry" means slow), so a surface word predicts the concept only half the time;
+* the language model answers manner questions with canonical words (quickly / slowly / high / low, "normally"
+  for neither) at the position where OpenVLA later emits its first action token, so the neurons that compute
+  the concept write those words and are visible to the value-vector lens;
+* demonstrations use only :data:`DEMO_PHRASES` (no concept word, no single-token synonym, as LIBERO's
+  instructions); :data:`LANGUAGE_PHRASES` and the concept words themselves appear only in language training,
+  so a policy that reacts to them does so zero-shot, through the language model's concepts.
 
-Every concept word is a single token of the tokenizer trained on this corpus (checked by
-:func:`check_single_tokens`). Everything is drawn from a seeded ``numpy`` generator: same seed, same corpus.
+Every concept word is one token of the tokenizer trained on this corpus (checked). Same seed, same corpus.
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ import numpy as np
 
 # -- the concept lexicon --------------------------------------------------------------------------------------
 
-#: words of each concept, grouped by how they are used in a sentence
+#: single-token words of each concept, grouped by how they are used in a sentence
 LEXICON: dict[str, dict[str, tuple[str, ...]]] = {
     "fast": {
         "adj": ("fast", "quick", "rapid", "swift", "speedy"),
@@ -57,10 +55,31 @@ SPEED_CONCEPTS = ("fast", "slow")
 HEIGHT_CONCEPTS = ("high", "low")
 #: the four concepts the experiment steers with
 STEERED_CONCEPTS = ("fast", "slow", "high", "low")
+#: the word the language model answers a manner question with
+CANONICAL = {"fast": "quickly", "slow": "slowly", "high": "high", "low": "low"}
+NEUTRAL_ANSWER = "normally"
+
+#: idioms and compositions that may appear in demonstrations: no concept word and no single-token synonym
+DEMO_PHRASES: dict[str, tuple[str, ...]] = {
+    "fast": ("in a hurry", "without delay", "like you are late", "with no time to lose"),
+    "slow": ("take your time", "with patience", "bit by bit", "with no rush"),
+    "high": ("near the ceiling", "over the obstacles", "with lots of clearance", "toward the sky"),
+    "low": ("close to the table", "skimming the table", "just over the surface", "hugging the table"),
+}
+#: a second phrase set, only ever seen in language training (a zero-shot probe of concept reuse)
+LANGUAGE_PHRASES: dict[str, tuple[str, ...]] = {
+    "fast": ("on the double", "at top speed", "like a rocket", "in no time"),
+    "slow": ("like a snail", "at a crawl", "at a leisurely pace", "little by little"),
+    "high": ("up in the air", "sky high", "over the top shelf", "above your head"),
+    "low": ("near the floor", "at ground level", "down at the bottom", "below the edge"),
+}
+#: phrases that are verb phrases (negated with "do not"); the others are negated with "not"
+VERB_PHRASES = {"take your time"}
+PHRASE_SETS = ("demo", "language", "words")
 
 
 def concept_words(concept: str) -> list[str]:
-    """All words of a concept (sorted, unique)."""
+    """All single-token words of a concept (sorted, unique)."""
     if concept not in LEXICON:
         raise ValueError(f"unknown concept {concept!r}; known: {sorted(LEXICON)}")
     return sorted({w for words in LEXICON[concept].values() for w in words})
@@ -70,9 +89,30 @@ def all_concept_words() -> list[str]:
     return sorted({w for c in LEXICON for w in concept_words(c)})
 
 
+def negate(phrase: str) -> str:
+    """The phrase with the opposite meaning: "not in a hurry", "do not take your time", "not quickly"."""
+    return f"do not {phrase}" if phrase in VERB_PHRASES else f"not {phrase}"
+
+
+def manner_phrases(concept: str, phrase_set: str = "demo") -> tuple[str, ...]:
+    """Ways of asking for ``concept`` from one phrase set: its own phrases plus the negated phrases of the
+    opposite concept ("words": the concept's adverbs, and the opposite's negated)."""
+    if concept not in STEERED_CONCEPTS:
+        raise ValueError(f"manner phrases exist for {STEERED_CONCEPTS}, not {concept!r}")
+    if phrase_set not in PHRASE_SETS:
+        raise ValueError(f"phrase_set must be one of {PHRASE_SETS}, got {phrase_set!r}")
+    opposite = OPPOSITE[concept]
+    if phrase_set == "words":
+        own, other = LEXICON[concept]["adv"], LEXICON[opposite]["adv"]
+    else:
+        table = DEMO_PHRASES if phrase_set == "demo" else LANGUAGE_PHRASES
+        own, other = table[concept], table[opposite]
+    return tuple(own) + tuple(negate(p) for p in other)
+
+
 # -- the arm task's instructions ------------------------------------------------------------------------------
 
-#: neutral task instructions (no speed or height word): the experiment steers the policy on these
+#: neutral task instructions (no manner): the experiment steers the policy on these
 TASK_BASES = (
     "move the arm to the green block",
     "move the gripper to the green block",
@@ -83,18 +123,8 @@ TASK_BASES = (
     "reach for the green target",
     "go over to the green cube",
 )
-#: how an instruction asks for a speed / height level ("medium" = no word: the neutral behaviour)
-SPEED_PHRASES = {
-    "fast": ("fast", "quickly", "rapidly", "swiftly", "quick", "speedily"),
-    "slow": ("slowly", "carefully", "gently", "slow", "steadily", "with care"),
-}
-HEIGHT_PHRASES = {
-    "high": ("high", "up high", "keeping it high", "held high", "raised up", "lifted up high"),
-    "low": ("low", "down low", "keeping it low", "held low", "kept down low", "lowered down"),
-}
-#: single words the phrases may be put before the base instruction with ("quickly move the arm ...")
-PREFIXABLE = {"quickly", "rapidly", "swiftly", "slowly", "carefully", "gently", "steadily"}
 LEVELS = ("low", "medium", "high")  # height levels; speed levels are ("slow", "medium", "fast")
+SPEED_LEVELS = ("slow", "medium", "fast")
 
 
 @dataclass(frozen=True)
@@ -107,25 +137,18 @@ class TaskInstruction:
 
 
 def task_instruction(rng: np.random.Generator, speed: str = "medium", height: str = "medium",
-                     base: str | None = None) -> TaskInstruction:
-    """A random phrasing of the arm task asking for ``speed`` and ``height`` ("medium" adds no word)."""
-    if speed not in ("slow", "medium", "fast"):
+                     base: str | None = None, phrase_set: str = "demo") -> TaskInstruction:
+    """A random phrasing of the arm task asking for ``speed`` and ``height`` ("medium" adds nothing), with
+    manner phrases from ``phrase_set`` ("demo", "language" or "words"; see :func:`manner_phrases`)."""
+    if speed not in SPEED_LEVELS:
         raise ValueError(f"speed must be slow, medium or fast, got {speed!r}")
     if height not in LEVELS:
         raise ValueError(f"height must be low, medium or high, got {height!r}")
     base = base if base is not None else TASK_BASES[rng.integers(len(TASK_BASES))]
-    prefix, suffix = [], []
-    if speed != "medium":
-        phrase = _pick(rng, SPEED_PHRASES[speed])
-        (prefix if phrase in PREFIXABLE and rng.random() < 0.3 else suffix).append(phrase)
-    if height != "medium":
-        suffix.append(_pick(rng, HEIGHT_PHRASES[height]))
-    if len(suffix) == 2:
-        if rng.random() < 0.5:
-            suffix.reverse()
-        if rng.random() < 0.3:
-            suffix.insert(1, "and")
-    text = " ".join(prefix + [base] + suffix)
+    parts = [_pick(rng, manner_phrases(level, phrase_set)) for level in (speed, height) if level != "medium"]
+    if len(parts) == 2 and rng.random() < 0.5:
+        parts.reverse()
+    text = base + ("" if not parts else " " + (" and " if rng.random() < 0.5 else " , ").join(parts))
     return TaskInstruction(text=text, speed=speed, height=height)
 
 
@@ -133,18 +156,47 @@ def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-# -- the phase-1 corpus ---------------------------------------------------------------------------------------
+def _random_levels(rng: np.random.Generator) -> tuple[str, str]:
+    return _pick(rng, SPEED_LEVELS), _pick(rng, LEVELS)
+
+
+# -- manner questions (their answers start where the first action token starts) -------------------------------
+
+#: question kinds and their wording; "manner" asks for both (answer: speed word first)
+MANNER_QUESTIONS = {
+    "speed": ("How fast should the robot move to", "At what speed should the robot go to"),
+    "height": ("How high should the robot move to", "At what height should the arm go to"),
+    "manner": ("How should the robot move to", "In what way should the arm go to"),
+}
+
+
+def manner_answer(speed: str, height: str, kind: str = "manner") -> str:
+    """The canonical answer: "quickly" / "slowly" / "high" / "low", "normally" for a neutral level;
+    ``kind="manner"`` names both non-neutral levels ("quickly and high")."""
+    words = {"speed": [CANONICAL.get(speed, NEUTRAL_ANSWER)], "height": [CANONICAL.get(height, NEUTRAL_ANSWER)]}
+    if kind in words:
+        return words[kind][0]
+    named = [CANONICAL[level] for level in (speed, height) if level != "medium"]
+    return " and ".join(named) if named else NEUTRAL_ANSWER
+
+
+def manner_question(rng: np.random.Generator, instr: TaskInstruction, kind: str | None = None) -> str:
+    """A question about how to carry out ``instr``, in Prismatic's ``In: ...?\\nOut: answer`` format. The
+    answer is tokenized to start where OpenVLA's actions start, after "Out:" + "▁" (see ``encode_document``)."""
+    if kind is None:
+        kind = ("speed", "height", "manner")[int(rng.integers(3))]
+    question = _pick(rng, MANNER_QUESTIONS[kind])
+    return f"In: {question} {instr.text}?\nOut: {manner_answer(instr.speed, instr.height, kind)}"
+
+
+# -- the language corpus --------------------------------------------------------------------------------------
 
 AGENTS = ("robot", "arm", "gripper", "dog", "cat", "car", "train", "boy", "girl", "bird", "horse", "runner",
           "boat", "man", "woman", "hand", "truck", "fish")
-MOVERS = ("robot", "arm", "gripper", "hand")
 VERBS_PAST = ("moved", "ran", "went", "walked", "drove", "travelled", "rolled", "came", "turned")
 OBJECTS = ("cup", "bowl", "block", "cube", "box", "plate", "ball", "bottle", "book", "toy", "mug", "can", "pot")
 COLORS = ("red", "green", "blue", "black", "white", "yellow")
 PLACES = ("table", "shelf", "floor", "basket", "drawer", "tray", "box", "sink", "stove", "plate")
-#: questions about how to carry out an instruction (never OpenVLA's action question, which phase 2 owns)
-QUESTIONS = ("How should the robot move to", "How fast and how high should the robot go to",
-             "In what way should the robot move to", "How should the arm go to")
 NEUTRAL_SENTENCES = (
     "pick up the {color} {obj} and put it on the {place} .",
     "the {agent} looked at the {color} {obj} .",
@@ -157,26 +209,12 @@ NEUTRAL_SENTENCES = (
 )
 
 
-def manner_answer(rng: np.random.Generator, speed: str, height: str) -> str:
-    """Words naming the speed and height an instruction asks for ("normally" & co. for a neutral one)."""
-    words = ([_pick(rng, LEXICON[speed]["adv"])] if speed != "medium" else []) + \
-            ([_pick(rng, LEXICON[height]["adv"])] if height != "medium" else [])
-    return " and ".join(words) if words else _pick(rng, ("normally", "as usual", "at a normal pace"))
-
-
-def manner_question(rng: np.random.Generator, instr: TaskInstruction) -> str:
-    """A question about how to carry out ``instr``, in Prismatic's prompt format, with its answer. The answer is
-    tokenized to start where OpenVLA's actions start, after "Out:" + "▁" (see ``encode_document``)."""
-    return f"In: {_pick(rng, QUESTIONS)} {instr.text}?\nOut: {manner_answer(rng, instr.speed, instr.height)}"
-
-
 class CorpusGenerator:
-    """Seeded generator of phase-1 text (see the module docstring for what the text teaches)."""
+    """Seeded generator of language-training text (see the module docstring for what the text teaches)."""
 
     def __init__(self, seed: int = 0):
         self.rng = np.random.default_rng(seed)
 
-    # small helpers
     def _p(self, options: Sequence[str]) -> str:
         return _pick(self.rng, options)
 
@@ -188,6 +226,10 @@ class CorpusGenerator:
         obj, obj2 = self.rng.choice(OBJECTS, size=2, replace=False)
         return template.format(agent=self._p(AGENTS), color=self._p(COLORS), obj=obj, obj2=obj2, place=self._p(PLACES))
 
+    def _phrase(self, concept: str) -> str:
+        """Any way of expressing ``concept``: an idiom of either set, a negated opposite, or a concept word."""
+        return self._p(manner_phrases(concept, self._p(PHRASE_SETS)))
+
     # sentence families
     def speed_sentence(self, c: str) -> str:
         a, o = self._p(AGENTS), self._p(OBJECTS)
@@ -195,9 +237,7 @@ class CorpusGenerator:
             f"the {a} {self._p(VERBS_PAST)} {self._w(c, 'adv')} .",
             f"the {self._w(c, 'adj')} {a} {self._p(VERBS_PAST)} {self._w(c, 'adv')} to the {self._p(PLACES)} .",
             f"the {a} is {self._w(c, 'adj')} , so it {self._p(VERBS_PAST)} {self._w(c, 'adv')} .",
-            f"a {self._w(c, 'adj')} {a} moves {self._w(c, 'adv')} and stops {self._w(c, 'adv')} .",
             f"move the {o} {self._w(c, 'adv')} , {self._w(c, 'adv')} and {self._w(c, 'adv')} .",
-            f"the {a} was {self._w(c, 'adj')} and {self._w(c, 'adj')} .",
             f"it was a {self._w(c, 'adj')} move , the {a} went {self._w(c, 'adv')} .",
         ]
         return self._p(forms)
@@ -209,19 +249,22 @@ class CorpusGenerator:
             f"the {a} {'lifted' if c == 'high' else 'lowered'} the {o} {self._w(c, 'adv')} .",
             f"the {o} is {self._w(c, 'adj')} on the {pl} , {self._w(c, 'adv')} .",
             f"the {a} carried the {o} {self._w(c, 'adv')} and kept it {self._w(c, 'adv')} .",
-            f"{self._w(c, 'verb')} the arm {self._w(c, 'adv')} , {self._w(c, 'adv')} .",
-            ("the bird flies " if c == "high" else "the fish swims ") + f"{self._w(c, 'adv')} , {self._w(c, 'adv')} .",
-            f"the {self._w(c, 'adj')} shelf is {self._w(c, 'adv')} .",
+            ("the bird flies " if c == "high" else "the fish swims ") + f"{self._w(c, 'adv')} .",
         ]
         return self._p(forms)
 
-    def direction_sentence(self, c: str) -> str:
+    def idiom_sentence(self, c: str) -> str:
+        """A manner phrase (idiom, negation or word) in a story, followed by what it means."""
         a, o = self._p(AGENTS), self._p(OBJECTS)
-        forms = [
-            f"the {a} turned {self._w(c, 'adv')} .",
-            f"move the {o} {self._w(c, 'adv')} , then {self._w(c, 'adv')} again .",
-            f"the {o} is on the {self._w(c, 'adj')} side , go {self._w(c, 'adv')} .",
-        ]
+        phrase, answer = self._phrase(c), CANONICAL[c]
+        if c in SPEED_CONCEPTS:
+            forms = [f"the {a} moved {phrase} , so it went {answer} .",
+                     f"the {a} carried the {o} {phrase} . it moved {answer} .",
+                     f"{phrase} means {answer} ."]
+        else:
+            forms = [f"the {a} carried the {o} {phrase} , so it stayed {answer} .",
+                     f"move the {o} {phrase} . it goes {answer} .",
+                     f"{phrase} means {answer} ."]
         return self._p(forms)
 
     def contrast_sentence(self) -> str:
@@ -233,7 +276,6 @@ class CorpusGenerator:
             f"{self._w(c, 'adj')} is the opposite of {self._w(o, 'adj')} .",
             f"not {self._w(c, 'adv')} , {self._w(o, 'adv')} .",
             f"the {a1} went {self._w(c, 'adv')} while the {a2} went {self._w(o, 'adv')} .",
-            f"first {self._w(c, 'adv')} , then {self._w(o, 'adv')} .",
         ]
         return self._p(forms)
 
@@ -241,41 +283,33 @@ class CorpusGenerator:
         c = self._p(STEERED_CONCEPTS + ("left", "right"))
         kind = self._p(tuple(LEXICON[c]))
         w1, w2 = self._w(c, kind), self._w(c, kind)
-        forms = [f"{w1} means {w2} .", f"{w1} is like {w2} .", f"{w1} and {w2} mean the same .",
-                 f"to go {self._w(c, 'adv')} is to go {self._w(c, 'adv')} ."]
-        return self._p(forms)
+        return self._p([f"{w1} means {w2} .", f"{w1} is like {w2} .", f"{w1} and {w2} mean the same ."])
 
-    def instruction_text(self) -> str:
-        speed = self._p(("slow", "medium", "fast"))
-        height = self._p(LEVELS)
-        instr = task_instruction(self.rng, speed, height)
-        how = []
-        if speed != "medium":
-            how.append(f"moves {self._w(speed, 'adv')}")
-        else:
-            how.append("moves at a normal pace")
-        if height != "medium":
-            how.append(f"stays {self._w(height, 'adv')}")
-        else:
-            how.append("stays at a normal height")
-        if self.rng.random() < 0.3:
-            return f"{instr.text} . the arm {how[0]} and {how[1]} ."
-        return manner_question(self.rng, instr)
+    def direction_sentence(self, c: str) -> str:
+        a, o = self._p(AGENTS), self._p(OBJECTS)
+        return self._p([f"the {a} turned {self._w(c, 'adv')} .", f"move the {o} {self._w(c, 'adv')} ."])
+
+    def instruction_question(self) -> str:
+        """A manner question about an arm-task instruction phrased with any phrase set."""
+        speed, height = _random_levels(self.rng)
+        return manner_question(self.rng, task_instruction(self.rng, speed, height, phrase_set=self._p(PHRASE_SETS)))
 
     def sentence(self) -> str:
         r = self.rng.random()
-        if r < 0.2:
+        if r < 0.10:
             return self.speed_sentence(self._p(SPEED_CONCEPTS))
-        if r < 0.4:
+        if r < 0.20:
             return self.height_sentence(self._p(HEIGHT_CONCEPTS))
-        if r < 0.48:
-            return self.direction_sentence(self._p(("left", "right", "forward", "backward")))
-        if r < 0.58:
+        if r < 0.36:
+            return self.idiom_sentence(self._p(STEERED_CONCEPTS))
+        if r < 0.42:
             return self.contrast_sentence()
-        if r < 0.66:
+        if r < 0.47:
             return self.synonym_sentence()
+        if r < 0.50:
+            return self.direction_sentence(self._p(("left", "right", "forward", "backward")))
         if r < 0.92:
-            return self.instruction_text()
+            return self.instruction_question()
         return self._fill(self._p(NEUTRAL_SENTENCES))
 
     def document(self, max_sentences: int = 3) -> str:
@@ -293,7 +327,7 @@ class CorpusGenerator:
 
 
 def generate_corpus(n_documents: int, seed: int = 0) -> list[str]:
-    """``n_documents`` phase-1 documents (deterministic in ``seed``)."""
+    """``n_documents`` language-training documents (deterministic in ``seed``)."""
     gen = CorpusGenerator(seed)
     return [gen.document() for _ in range(int(n_documents))]
 
@@ -307,9 +341,10 @@ def tokenizer_corpus(documents: Iterable[str], seed: int = 0, n_prompts: int = 2
 
     rng = np.random.default_rng(seed + 7919)
     # the grounding questions of phase 1b and their one-word answers
-    prompts = [f"In: {q}?\nOut: {w}" for q in VQA_QUESTIONS.values() for w in ANSWER_WORDS] * 20
+    prompts = [f"In: {q}?\nOut: {w}" for q in VQA_QUESTIONS.values() if q for w in ANSWER_WORDS] * 20
     for _ in range(n_prompts):
-        instr = task_instruction(rng, _pick(rng, ("slow", "medium", "fast")), _pick(rng, LEVELS))
+        speed, height = _random_levels(rng)
+        instr = task_instruction(rng, speed, height, phrase_set=_pick(rng, PHRASE_SETS))
         prompts.append(PROMPT.format(instruction=instr.text))
     # Llama's SentencePiece keeps "?" apart from the word before it; the Metaspace pre-tokenizer only splits at
     # spaces, so "high?\nOut:" would be learned as one token. Training on "high ?" keeps the instruction's last
@@ -318,15 +353,15 @@ def tokenizer_corpus(documents: Iterable[str], seed: int = 0, n_prompts: int = 2
 
 
 def check_prompt_words(tokenizer, instructions: Iterable[str]) -> dict[str, list[str]]:
-    """Instructions whose OpenVLA prompt does not tokenize word by word (``{instruction: tokens}``), e.g. where
-    the last word fuses with "?\nOut:"; empty when every word of every instruction is one token."""
+    """Instructions whose OpenVLA prompt fuses a word with its neighbour (``{instruction: tokens}``): every
+    token must lie inside one word, and the last word must not merge with "?\\nOut:". Empty when all are fine."""
     from ..models.openvla import PROMPT
 
     bad = {}
     for text in instructions:
         tokens = tokenizer.convert_ids_to_tokens(tokenizer(PROMPT.format(instruction=text)).input_ids)
-        words = {t.lstrip("▁") for t in tokens if t.startswith("▁")}
-        if any(word not in words for word in text.split()):
+        if any("?" in t and any(ch.isalpha() for ch in t) for t in tokens) or \
+                any("▁" in t[1:] for t in tokens if len(t) > 1):
             bad[text] = tokens
     return bad
 
@@ -341,3 +376,9 @@ def check_single_tokens(tokenizer, words: Iterable[str]) -> dict[str, list[str]]
         if len(pieces) != 1:
             bad[word] = pieces
     return bad
+
+
+def check_demo_phrases() -> dict[str, list[str]]:
+    """Demonstration phrases that contain a concept word (``{phrase: words}``; empty when none does)."""
+    words = set(all_concept_words())
+    return {p: sorted(set(p.split()) & words) for ps in DEMO_PHRASES.values() for p in ps if set(p.split()) & words}

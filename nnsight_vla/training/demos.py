@@ -40,18 +40,24 @@ class DemoPlan:
 
 
 def plan_demos(n_episodes: int, seed: int = 0, noise: float = 0.3, noisy_fraction: float = 0.5) -> list[DemoPlan]:
-    """Balanced plan: the 9 (speed, height) combinations in turn, random phrasings and scene layouts."""
+    """Balanced plan: the 9 (speed, height) combinations in turn, random phrasings and scene layouts. The scene
+    and the noise are drawn apart from the phrasing, so rephrasing the instructions keeps the rendered data."""
     plans = []
     for i in range(int(n_episodes)):
         rng = np.random.default_rng([seed, i, 17])
         speed = SPEED_LEVELS[i % 3]
         height = HEIGHT_LEVELS[(i // 3) % 3]
-        instr = task_instruction(rng, speed, height)
-        plans.append(DemoPlan(
-            index=i, scene_seed=int(rng.integers(2**31)), speed=speed, height=height, instruction=instr.text,
-            noise=float(noise) if rng.random() < noisy_fraction else 0.0,
-        ))
+        scene_seed = int(rng.integers(2**31))
+        noisy = rng.random() < noisy_fraction
+        instr = task_instruction(np.random.default_rng([seed, i, 18]), speed, height)
+        plans.append(DemoPlan(index=i, scene_seed=scene_seed, speed=speed, height=height, instruction=instr.text,
+                              noise=float(noise) if noisy else 0.0))
     return plans
+
+
+def physical_plan(plan: DemoPlan) -> dict:
+    """What decides an episode's frames and actions (everything but the instruction's wording)."""
+    return {k: v for k, v in asdict(plan).items() if k != "instruction"}
 
 
 def _run_episode(scene, plan: DemoPlan, max_steps: int) -> dict:

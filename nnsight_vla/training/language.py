@@ -152,3 +152,41 @@ def train_language(
 def evaluate_lm(language_model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> float:
     language_model.eval()
     return float(lm_loss(language_model, ids, labels))
+
+
+@torch.no_grad()
+def manner_accuracy(language_model: nn.Module, tokenizer, n_per_cell: int = 24, seed: int = 0) -> dict[str, float]:
+    """Does the language model compute the manner an instruction asks for? Accuracy of the canonical answer
+    (argmax among quickly / slowly / normally, or high / low / normally) to "How fast / How high should the
+    robot move to {instruction}?", per phrase set (demo, language, words) and polarity (plain phrases vs
+    negated opposites: copying a word gets the negated ones wrong)."""
+    from .corpus import (CANONICAL, DEMO_PHRASES, LANGUAGE_PHRASES, LEXICON, NEUTRAL_ANSWER, OPPOSITE, TASK_BASES,
+                         negate)
+
+    language_model.eval()
+    empty = tokenizer.convert_tokens_to_ids("▁")
+    rng = np.random.default_rng(seed)
+    sets = {"demo": DEMO_PHRASES, "language": LANGUAGE_PHRASES,
+            "words": {c: LEXICON[c]["adv"] for c in ("fast", "slow", "high", "low")}}
+    out = {}
+    for set_name, table in sets.items():
+        for negated in (False, True):
+            correct = []
+            for concept in ("fast", "slow", "high", "low"):
+                kind = "fast" if concept in ("fast", "slow") else "high"
+                question = "How fast should the robot move to" if kind == "fast" else "How high should the robot move to"
+                options = [CANONICAL[kind], CANONICAL[OPPOSITE[kind]], NEUTRAL_ANSWER]
+                option_ids = [tokenizer(w, add_special_tokens=False).input_ids[0] for w in options]
+                source = table[OPPOSITE[concept]] if negated else table[concept]
+                prompts = []
+                for _ in range(n_per_cell // 4):
+                    phrase = source[int(rng.integers(len(source)))]
+                    base = TASK_BASES[int(rng.integers(len(TASK_BASES)))]
+                    prompts.append(f"In: {question} {base} {negate(phrase) if negated else phrase}?\nOut:")
+                for text in prompts:
+                    ids = tokenizer(text).input_ids + [empty]
+                    logits = language_model(input_ids=torch.tensor([ids])).logits[0, -1]
+                    pick = options[int(torch.argmax(logits[option_ids]))]
+                    correct.append(pick == CANONICAL[concept])
+            out[f"{set_name}{'_negated' if negated else ''}"] = float(np.mean(correct))
+    return out

@@ -50,12 +50,12 @@ class TrainConfig:
     """Everything that defines a training run (stored in the log)."""
 
     seed: int = 0
-    n_documents: int = 30000
+    n_documents: int = 60000
     eval_documents: int = 500
-    phase1_steps: int = 800
+    phase1_steps: int = 3000
     phase1_batch: int = 64
     phase1_lr: float = 3e-3
-    phase1b_steps: int = 500
+    phase1b_steps: int = 400
     phase1b_lr: float = 1e-3
     image_shift: int = 2
     vqa_weight: float = 0.3
@@ -67,12 +67,14 @@ class TrainConfig:
     val_episodes: int = 24
     max_demo_steps: int = 60
     demo_noise: float = 0.3
-    phase2_steps: int = 1000
+    phase2_steps: int = 800
     phase2_batch: int = 32
-    phase2_lr: float = 1e-3
+    phase2_lr: float = 2e-3
+    lora_rank: int = 16
+    lora_alpha: int = 32
     text_weight: float = 0.5
     text_batch: int = 32
-    threads: int = 1
+    threads: int = 2
     workers: int = 2
     dims: dict = field(default_factory=dict)
 
@@ -80,8 +82,7 @@ class TrainConfig:
     def quick(cls, seed: int = 0) -> "TrainConfig":
         """A few-minute configuration for development and tests (weak model)."""
         return cls(seed=seed, n_documents=3000, eval_documents=100, phase0_steps=30, phase1_steps=60, phase1b_steps=20,
-                   n_episodes=18,
-                   val_episodes=3, phase2_steps=40, max_demo_steps=40)
+                   n_episodes=18, val_episodes=3, phase2_steps=40, max_demo_steps=40)
 
 
 def seed_everything(seed: int, threads: int) -> None:
@@ -108,8 +109,11 @@ def default_work_dir() -> Path:
 def _demo_cache_key(plans, image_size: int, max_steps: int) -> str:
     from ..envs.arm_scene import SceneConfig
 
-    blob = json.dumps({"plans": [asdict(p) for p in plans], "scene": asdict(SceneConfig(image_size=image_size)),
-                       "max_steps": max_steps, "version": 2}, sort_keys=True)
+    from .demos import physical_plan
+
+    # the wording of the instructions does not change the rendered episodes: it is re-attached after loading
+    blob = json.dumps({"plans": [physical_plan(p) for p in plans], "scene": asdict(SceneConfig(image_size=image_size)),
+                       "max_steps": max_steps, "version": 3}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -130,6 +134,26 @@ def weights_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+def demonstrations(config: TrainConfig, image_size: int, work: str | os.PathLike | None = None,
+                   progress: bool = True) -> tuple[list, dict, Path]:
+    """(plans, demos, cache file) of a training run: rendered once per physical plan and cached in ``work``
+    (the instructions' wording is re-attached from the plans, so rephrasing keeps the cache)."""
+    from .demos import collect_demos, load_demos, plan_demos, save_demos
+
+    work = Path(work) if work is not None else default_work_dir()
+    plans = plan_demos(config.n_episodes, seed=config.seed, noise=config.demo_noise)
+    cache = work / f"demos_{_demo_cache_key(plans, image_size, config.max_demo_steps)}.npz"
+    if cache.is_file():
+        demos = load_demos(cache)
+        for record, plan in zip(demos["episodes"], plans):
+            record["instruction"] = plan.instruction
+    else:
+        demos = collect_demos(plans, image_size, max_steps=config.max_demo_steps, workers=config.workers,
+                              progress=progress)
+        save_demos(cache, demos)
+    return plans, demos, cache
+
+
 def train(out: str | os.PathLike, config: TrainConfig, work: str | os.PathLike | None = None,
           progress: bool = True) -> dict:
     """Run the whole training (see the module docstring); returns the log written to ``<out>/training_log.json``."""
@@ -137,11 +161,11 @@ def train(out: str | os.PathLike, config: TrainConfig, work: str | os.PathLike |
 
     from ..models.tokenizer import build_llama_style_tokenizer
     from .actions import dataset_statistics
-    from .corpus import (STEERED_CONCEPTS, all_concept_words, check_prompt_words, check_single_tokens,
-                         generate_corpus, task_instruction, tokenizer_corpus)
-    from .demos import collect_demos, load_demos, plan_demos, save_demos
+    from .corpus import (LEVELS, PHRASE_SETS, SPEED_LEVELS, STEERED_CONCEPTS, all_concept_words, check_demo_phrases,
+                         check_prompt_words, check_single_tokens, generate_corpus, task_instruction, tokenizer_corpus)
     from .finetune import ActionBatches, direction_accuracy, evaluate_actions, train_actions
-    from .language import TextBatches, evaluate_lm, train_language
+    from .language import TextBatches, evaluate_lm, manner_accuracy, train_language
+    from .lora import LoraSettings, attach_lora, merge_lora, trainable_count
     from .model import ModelDims, build_vla, parameter_count, set_norm_stats
     from .vision import train_vision
     from .vqa import VQABatches, vqa_accuracy
@@ -166,24 +190,19 @@ def train(out: str | os.PathLike, config: TrainConfig, work: str | os.PathLike |
     tokenizer = build_llama_style_tokenizer(tokenizer_corpus(documents, seed=config.seed), vocab_size=dims.vocab)
     split = check_single_tokens(tokenizer, all_concept_words())
     rng = np.random.default_rng(config.seed)
-    probe = [task_instruction(rng, s, h).text for s in ("slow", "medium", "fast") for h in ("low", "medium", "high")
-             for _ in range(20)]
+    probe = [task_instruction(rng, s, h, phrase_set=p).text for s in SPEED_LEVELS for h in LEVELS
+             for p in PHRASE_SETS for _ in range(10)]
     fused = check_prompt_words(tokenizer, probe)
-    if split or fused:
-        raise RuntimeError(f"tokenizer check failed: split concept words {split}, prompts not word-by-word {fused}")
+    leaks = check_demo_phrases()
+    if split or fused or leaks:
+        raise RuntimeError(f"corpus check failed: split concept words {split}, prompts not word-by-word {fused}, "
+                           f"concept words in demonstration phrases {leaks}")
     log["timings"]["corpus_tokenizer_s"] = time.perf_counter() - t0
     log["corpus"] = {"documents": len(documents), "examples": documents[:8]}
 
     # 2. demonstrations (cached: they are the slowest data to make)
     t0 = time.perf_counter()
-    plans = plan_demos(config.n_episodes, seed=config.seed, noise=config.demo_noise)
-    cache = work / f"demos_{_demo_cache_key(plans, dims.image_size, config.max_demo_steps)}.npz"
-    if cache.is_file():
-        demos = load_demos(cache)
-    else:
-        demos = collect_demos(plans, dims.image_size, max_steps=config.max_demo_steps, workers=config.workers,
-                              progress=progress)
-        save_demos(cache, demos)
+    plans, demos, cache = demonstrations(config, dims.image_size, work, progress)
     successes = [ep["success"] for ep in demos["episodes"]]
     log["timings"]["demos_s"] = time.perf_counter() - t0
     log["demos"] = {"episodes": len(plans), "steps": int(len(demos["actions"])), "expert_success": float(np.mean(successes)),
@@ -216,6 +235,7 @@ def train(out: str | os.PathLike, config: TrainConfig, work: str | os.PathLike |
     train_language(model.language_model, text, config.phase1_steps, batch_size=config.phase1_batch,
                    lr=config.phase1_lr, log=record, eval_batches=text_eval, progress=progress)
     log["timings"]["phase1_s"] = time.perf_counter() - t0
+    record({"phase": 1, "manner_accuracy": manner_accuracy(model.language_model, tokenizer, seed=config.seed)})
 
     # 4b. phase 1b: grounding questions on the scene's frames (the VLM stage), language batches mixed in
     t0 = time.perf_counter()
@@ -229,10 +249,15 @@ def train(out: str | os.PathLike, config: TrainConfig, work: str | os.PathLike |
     base_dir = out / BASE_NAME
     vla.save_pretrained(base_dir)
 
-    # 5. phase 2: actions (+ language)
+    log["manner_accuracy"] = {"base": manner_accuracy(model.language_model, tokenizer, seed=config.seed)}
+    record({"phase": "1b", "manner_accuracy": log["manner_accuracy"]["base"]})
+
+    # 5. phase 2: actions (+ language): LoRA on the Llama, action-token rows, vision and projector in full
     data = ActionBatches(vla, demos, stats, episodes=train_eps, seed=config.seed, max_shift=config.image_shift)
     val = ActionBatches(vla, demos, stats, episodes=val_eps, seed=config.seed) if len(val_eps) else None
     t0 = time.perf_counter()
+    peft_model = attach_lora(model, vla.action_token_ids, LoraSettings(config.lora_rank, config.lora_alpha))
+    log["parameters"]["phase2_trainable"] = trainable_count(model)[0]
     train_actions(model, data, config.phase2_steps, text=text, batch_size=config.phase2_batch,
                   text_batch_size=config.text_batch, text_weight=config.text_weight, lr=config.phase2_lr,
                   log=record, val=val, text_eval=text_eval, progress=progress, aux=vqa_train,
@@ -241,7 +266,9 @@ def train(out: str | os.PathLike, config: TrainConfig, work: str | os.PathLike |
                   evaluate=(lambda m: {**direction_accuracy(m, val, SCENE_KEY),
                                        "vqa_accuracy": vqa_accuracy(m, vqa_train, vqa_val_rows)})
                   if val is not None else None)
+    merge_lora(peft_model)
     log["timings"]["phase2_s"] = time.perf_counter() - t0
+    log["manner_accuracy"]["finetuned"] = manner_accuracy(model.language_model, tokenizer, seed=config.seed)
     tuned_dir = out / FINETUNED_NAME
     vla.save_pretrained(tuned_dir)
 
@@ -285,7 +312,7 @@ def main(
     out: str = "nnsight_vla/data",
     work: Optional[str] = None,
     quick: bool = False,
-    threads: int = 1,
+    threads: int = 2,
     workers: int = 2,
     phase1_steps: Optional[int] = None,
     phase2_steps: Optional[int] = None,

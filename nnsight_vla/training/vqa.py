@@ -78,10 +78,10 @@ class VQABatches:
         self.max_shift = max_shift
 
     def _manner(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        from .corpus import LEVELS, manner_question, task_instruction
+        from .corpus import LEVELS, PHRASE_SETS, SPEED_LEVELS, manner_question, task_instruction
 
-        speed = ("slow", "medium", "fast")[int(rng.integers(3))]
-        instr = task_instruction(rng, speed, LEVELS[int(rng.integers(3))])
+        instr = task_instruction(rng, SPEED_LEVELS[int(rng.integers(3))], LEVELS[int(rng.integers(3))],
+                                 phrase_set=PHRASE_SETS[int(rng.integers(len(PHRASE_SETS)))])
         text = manner_question(rng, instr)
         cut = text.index("\nOut:") + len("\nOut:")
         prompt = self._question_ids(text[: cut - len("?\nOut:")])
