@@ -360,7 +360,7 @@ def check_prompt_words(tokenizer, instructions: Iterable[str]) -> dict[str, list
     bad = {}
     for text in instructions:
         tokens = tokenizer.convert_ids_to_tokens(tokenizer(PROMPT.format(instruction=text)).input_ids)
-        if any("?" in t and any(ch.isalpha() for ch in t) for t in tokens) or \
+        if any("?" in t and not t.lstrip("▁").startswith("?") for t in tokens) or \
                 any("▁" in t[1:] for t in tokens if len(t) > 1):
             bad[text] = tokens
     return bad
