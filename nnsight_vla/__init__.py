@@ -13,12 +13,13 @@ from importlib import import_module
 from typing import Any
 
 from .errors import CheckpointError, IndexOutOfRangeError, InputError, UnknownFamilyError, VLAError
-from .models import VLA, families, load, tiny
 
 __version__ = "0.1.0"
 
-# heavier parts load on first use, so `import nnsight_vla` stays quick
+# everything that needs torch / nnsight loads on first use, so `import nnsight_vla` (and the CLI) stays quick
 _LAZY = {
+    "VLA": "nnsight_vla.models", "families": "nnsight_vla.models", "load": "nnsight_vla.models",
+    "tiny": "nnsight_vla.models",
     "ValueVectorLens": "nnsight_vla.lens",
     "find_concept": "nnsight_vla.concepts",
     "NeuronSet": "nnsight_vla.concepts",
@@ -32,7 +33,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'nnsight_vla' has no attribute {name!r}")
 
 
-__all__ = [
-    "VLA", "families", "load", "tiny", "VLAError", "UnknownFamilyError", "CheckpointError", "InputError",
-    "IndexOutOfRangeError", *_LAZY,
-]
+__all__ = ["VLAError", "UnknownFamilyError", "CheckpointError", "InputError", "IndexOutOfRangeError", *_LAZY]

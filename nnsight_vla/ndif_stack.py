@@ -50,6 +50,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from .errors import StackError  # noqa: F401 (re-exported)
 
 HOST = "127.0.0.1"
 
@@ -103,10 +104,6 @@ SERVER_REQUIREMENTS = [
 NDIF_REQUIREMENT = "ndif==0.1.2"
 
 SERVICES = ("redis", "s3", "ray", "api")  # start order; stop order is reversed
-
-
-class StackError(RuntimeError):
-    """The stack could not be brought up; the message names the service and its log."""
 
 
 # ----------------------------------------------------------------------------- configuration

@@ -54,6 +54,7 @@ from nnsight.schema.response import ResponseModel
 from nnsight.tracing.backend import Backend
 
 from .errors import CheckpointError, InputError
+from .errors import RemoteExecutionError, RemoteUnreachableError, RemoteTimeoutError, RemoteModelError, RemoteJobError, RemoteAuthError  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -218,48 +219,6 @@ def redact(text: Any, secret: Secret | str | None) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 # errors
-
-
-class RemoteExecutionError(RemoteError):
-    """A remote run failed. Subclasses nnsight's ``RemoteError``, so ``except RemoteError`` still catches it.
-
-    Attributes: ``host``, ``model_key``, ``server_message`` (the server's own text, key removed), ``job_id``.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        host: str | None = None,
-        model_key: str | None = None,
-        server_message: str | None = None,
-        job_id: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.host = host
-        self.model_key = model_key
-        self.server_message = server_message
-        self.job_id = job_id
-
-
-class RemoteUnreachableError(RemoteExecutionError, ConnectionError):
-    """No connection to the server (refused, unknown host, closed mid-job, service unavailable)."""
-
-
-class RemoteTimeoutError(RemoteExecutionError, TimeoutError):
-    """A bound ran out: the connect/handshake timeout, the client's total deadline, or the server's own limit."""
-
-
-class RemoteModelError(RemoteExecutionError):
-    """The server could not build or deploy the model key (class not importable, checkpoint missing...)."""
-
-
-class RemoteJobError(RemoteExecutionError):
-    """The traced block raised on the server; ``server_message`` holds the server's traceback."""
-
-
-class RemoteAuthError(RemoteExecutionError):
-    """The server rejected the API key."""
 
 
 # the ndif 0.1.2 messages that tell deploy failures and server-side timeouts apart from errors in the block

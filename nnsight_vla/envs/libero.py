@@ -49,10 +49,11 @@ import numpy as np
 # Headless rendering: must be set before mujoco/robosuite are imported (workers inherit it).
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from ..errors import VLAError  # noqa: E402
+from ..errors import InputError, VLAError  # noqa: E402
 from .conditions import Condition, check_unique  # noqa: E402
 from .episodes import Episode, EpisodeKey, EpisodeRecorder, ResultsStore  # noqa: E402
 from .scripted import ScriptedPolicyBase  # noqa: E402
+from ..errors import LiberoError  # noqa: F401 (re-exported)
 
 #: the five LIBERO suites and their standard max steps (policy steps, settle steps excluded)
 SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
@@ -69,10 +70,6 @@ CAMERA_ALIASES = {
 #: dimension of the LIBERO proprioceptive state fed to pi0-style models
 LIBERO_STATE_DIM = 8
 LIBERO_ACTION_DIM = 7
-
-
-class LiberoError(VLAError):
-    """Bad LIBERO run input: unknown suite or task, a family whose inputs LIBERO cannot provide, bad settings."""
 
 
 # -- family recipes ---------------------------------------------------------------------------------------------
@@ -732,7 +729,7 @@ class ScriptedPolicy(ScriptedPolicyBase):
             xyz = np.clip(self.velocity * self.speed * sign, -1, 1)
             return np.concatenate([xyz, np.zeros(3), [1.0]])
         if state is None or np.asarray(state).shape != (self.state_dim,):
-            raise VLAError(f"{self.family} needs a state of dimension {self.state_dim}")
+            raise InputError(f"{self.family} needs a state of dimension {self.state_dim}")
         self.last_state = np.asarray(state, np.float64)
         xyz = np.clip(self.gain * (self.target - self.last_state[:3]) * self.speed, -1, 1)
         row = np.concatenate([xyz, np.zeros(3), [-1.0]])
@@ -1361,7 +1358,7 @@ class PolicyClient:
         self._conn.send(msg)
         status, value = self._conn.recv()
         if status != "ok":
-            raise VLAError(f"policy server error: {value}")
+            raise InputError(f"policy server error: {value}")
         return value
 
     @contextlib.contextmanager

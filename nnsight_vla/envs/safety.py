@@ -47,6 +47,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from ..errors import VLAError
+from ..errors import SafetyConfigError, SafetyViolation, RobotHalted  # noqa: F401 (re-exported)
 
 __all__ = [
     "SafetyConfig",
@@ -84,31 +85,6 @@ _SAFETY_MODE_NAMES = {1: "NORMAL", 2: "REDUCED", 3: "PROTECTIVE_STOP", 4: "RECOV
                       13: "SYSTEM_THREE_POSITION_ENABLING_STOP"}
 _ROBOT_MODE_NAMES = {-1: "NO_CONTROLLER", 0: "DISCONNECTED", 1: "CONFIRM_SAFETY", 2: "BOOTING", 3: "POWER_OFF",
                      4: "POWER_ON", 5: "IDLE", 6: "BACKDRIVE", 7: "RUNNING", 8: "UPDATING_FIRMWARE"}
-
-
-class SafetyConfigError(VLAError):
-    """A safety configuration that is malformed or not safe to use."""
-
-
-class SafetyViolation(VLAError):
-    """A command that cannot be made safe (e.g. NaN in an action); it was not sent."""
-
-    def __init__(self, message: str, rule: str = "nonfinite"):
-        super().__init__(message)
-        self.rule = rule
-
-
-class RobotHalted(RuntimeError):
-    """The robot was stopped for safety (protective/emergency stop, lost connection, watchdog, stale state).
-
-    ``reason`` says why; ``rule`` is the safety rule that fired. A halted robot object refuses every further
-    command: resuming is a human decision (inspect the cause, clear the stop on the pendant, start a new run).
-    """
-
-    def __init__(self, reason: str, rule: str = "state"):
-        super().__init__(reason)
-        self.reason = reason
-        self.rule = rule
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import VLAError
+from ..errors import InputError, VLAError
 
 
 class ScriptedPolicyBase:
@@ -39,14 +39,14 @@ class ScriptedPolicyBase:
     def predict_action(self, images: Any, instruction: str, state: Any = None, **_: Any) -> np.ndarray:
         if not isinstance(images, Mapping):
             if len(self.camera_names) != 1:
-                raise VLAError(f"{self.family} needs images for cameras {self.camera_names}")
+                raise InputError(f"{self.family} needs images for cameras {self.camera_names}")
             images = {self.camera_names[0]: images}
         for name in self.camera_names:
             img = images.get(name)
             if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-                raise VLAError(f"camera {name!r}: expected an HxWx3 uint8 image, got {getattr(img, 'shape', img)}")
+                raise InputError(f"camera {name!r}: expected an HxWx3 uint8 image, got {getattr(img, 'shape', img)}")
         if not isinstance(instruction, str) or not instruction:
-            raise VLAError("instruction must be a non-empty string")
+            raise InputError("instruction must be a non-empty string")
         self.last_images, self.last_instruction = dict(images), instruction
         if self.delay_s:
             time.sleep(self.delay_s)

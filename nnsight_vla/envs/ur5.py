@@ -54,7 +54,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from scipy.spatial.transform import Rotation  # at import, never inside the servo loop (see safety.py)
 
-from ..errors import VLAError
+from ..errors import InputError, VLAError
 from .conditions import Condition, baseline, check_unique
 from .episodes import Episode, EpisodeKey, EpisodeRecorder, ResultsStore, _jsonable
 from .scripted import ScriptedPolicyBase
@@ -71,6 +71,7 @@ from .safety import (
     matrix_to_pose,
     pose_to_matrix,
 )
+from ..errors import RobotError, RobotConnectionError, RobotModelError, CameraError, RobotConfigError  # noqa: F401 (re-exported)
 
 __all__ = [
     "UR5Config", "UR5Robot", "ControllerInfo", "RobotState", "probe_controller", "run_episode", "run_conditions",
@@ -89,26 +90,6 @@ FAMILY_ACTION_SPACE = {"openvla": "tcp_delta", "pi0": "joint_delta", "pi0-fast":
 #: gripper convention per family: True = a value above the threshold closes (π0/DROID position 0 open .. 1
 #: closed), False = a value below it closes (OpenVLA: 1 = open)
 FAMILY_GRIPPER_CLOSE_ABOVE = {"openvla": False, "pi0": True, "pi0-fast": True}
-
-
-class RobotError(VLAError):
-    """A user-facing problem with the robot setup (connection, model, camera, configuration)."""
-
-
-class RobotConnectionError(RobotError):
-    """The controller cannot be reached, or does not answer like a UR controller."""
-
-
-class RobotModelError(RobotError):
-    """The controller is not the robot the configuration expects (model, serial number, kinematics)."""
-
-
-class CameraError(RobotError):
-    """A camera that cannot be opened or read."""
-
-
-class RobotConfigError(RobotError):
-    """A malformed runner configuration."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1069,7 +1050,7 @@ class UR5ScriptedPolicy(ScriptedPolicyBase):
         if self.family == "openvla":
             return np.concatenate([v * dt, np.zeros(3), [1.0 - self.gripper]])  # OpenVLA: 1 = open
         if state is None or np.asarray(state).shape != (self.state_dim,):
-            raise VLAError(f"{self.family} needs a state of dimension {self.state_dim}")
+            raise InputError(f"{self.family} needs a state of dimension {self.state_dim}")
         self.last_state = q = np.asarray(state, float)[:6]
         J = self.kin.jacobian(q)
         qd = np.linalg.solve(J.T @ J + 1e-6 * np.eye(6), J.T @ np.concatenate([v, np.zeros(3)]))

@@ -66,6 +66,7 @@ from typing import Any, Callable
 import numpy as np
 # at import, not on first use: the first moveL would otherwise stall the physics tick (and the stream) ~0.4 s
 from scipy.spatial.transform import Rotation, Slerp
+from ..errors import TwinError  # noqa: F401 (re-exported)
 
 __all__ = [
     "TwinConfig",
@@ -194,10 +195,6 @@ def output_type(name: str) -> str:
 def input_type(name: str) -> str:
     """RTDE type of an input field, or ``NOT_FOUND``."""
     return _INPUT_TYPES.get(name) or _register_type(name, "input") or "NOT_FOUND"
-
-
-class TwinError(RuntimeError):
-    """The controller twin could not start, or answered an admin request with an error."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1707,9 +1704,8 @@ class TwinProcess:
                  initial_q=None, collision_stop: bool = True, start_timeout: float = 60.0,
                  extra_args: list[str] | None = None):
         self.host = host
-        # run the file itself, not ``-m nnsight_vla...``: the package's __init__ imports torch (seconds of CPU)
-        # and the twin needs none of it
-        args = [sys.executable, os.path.abspath(__file__), "--host", host, "--model", model,
+        # ``import nnsight_vla`` is light (torch and nnsight load on first use), so ``-m`` costs the twin nothing
+        args = [sys.executable, "-m", "nnsight_vla.envs.ur5_twin", "--host", host, "--model", model,
                 "--camera-size", str(camera_size), "--parent-pid", str(os.getpid())]
         if reported_model:
             args += ["--reported-model", reported_model]

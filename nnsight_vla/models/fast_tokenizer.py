@@ -45,6 +45,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .. import files
 from ..errors import CheckpointError, InputError, VLAError
+from ..errors import FastDecodeError, FastEncodeError  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +72,6 @@ _CONFIG_CANDIDATES = (PROCESSOR_CONFIG_NAME, "preprocessor_config.json")
 # after the processor attribute ("bpe_tokenizer" in the published processor).
 _TOKENIZER_DIR_CANDIDATES = (".", "bpe_tokenizer", "tokenizer")
 _MAX_CHAR = 0xD7FF  # chr() above this hits the surrogate range, which tokenizers (Rust) cannot hold
-
-
-class FastDecodeError(VLAError):
-    """A FAST token sequence that does not decode to a ``(time_horizon, action_dim)`` chunk."""
-
-
-class FastEncodeError(InputError):
-    """An action chunk that cannot be FAST-encoded (wrong rank/width, NaN, unrepresentable values)."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -235,7 +235,7 @@ class PI0(VLA):
 
     @property
     def action_token_ids(self) -> np.ndarray:
-        raise VLAError(
+        raise InputError(
             "pi0 has no action tokens: it produces actions by flow matching through its action expert "
             "(vla.expert_layers), not by decoding vocabulary ids. Use the pi0-fast family for FAST action tokens."
         )
