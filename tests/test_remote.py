@@ -35,6 +35,8 @@ from nnsight.modeling.mixins.remotable import Remotable
 
 import nnsight_vla as nv
 from nnsight_vla import remote as rm
+from nnsight_vla.remote import helpers as remote_helpers
+from nnsight_vla.remote import keys as remote_keys
 from nnsight_vla.errors import CheckpointError, InputError, UnknownFamilyError
 
 INSTRUCTION = "pick up the black bowl"
@@ -173,14 +175,14 @@ def test_bad_keys_are_refused_clearly(suffix, match):
 
 
 def test_placement_of_ndif_actor_arguments():
-    assert rm._placement(0, None, None) == "cuda:0"
-    assert rm._placement(3, None, None) == "cuda:3"
-    assert rm._placement("cpu", None, None) == "cpu"
-    assert rm._placement(None, None, None) is None
-    assert rm._placement(None, "balanced", {2: 80 << 30}) == "cuda:2"
-    assert rm._placement(None, {"": 1}, None) == "cuda:1"
+    assert remote_keys._placement(0, None, None) == "cuda:0"
+    assert remote_keys._placement(3, None, None) == "cuda:3"
+    assert remote_keys._placement("cpu", None, None) == "cpu"
+    assert remote_keys._placement(None, None, None) is None
+    assert remote_keys._placement(None, "balanced", {2: 80 << 30}) == "cuda:2"
+    assert remote_keys._placement(None, {"": 1}, None) == "cuda:1"
     with pytest.raises(CheckpointError, match="ONE device"):
-        rm._placement(None, "balanced", {0: 1 << 30, 1: 1 << 30})
+        remote_keys._placement(None, "balanced", {0: 1 << 30, 1: 1 << 30})
 
 
 @pytest.mark.parametrize("family", ["openvla", "pi0", "pi0-fast"])
@@ -193,7 +195,7 @@ def test_every_family_key_round_trips_and_runs_remotely(family):
     server = Remotable.from_model_key(model.model_key, dispatch=True, dtype="bfloat16", device="cpu")
     ours, theirs = _params(model), _params(server)
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
-    images, state = rm._sample_inputs(model, seed=2)
+    images, state = remote_helpers._sample_inputs(model, seed=2)
 
     def run(how, edit=True):
         with model.predict_action(images, INSTRUCTION, state=state, **how) as tracer:
@@ -731,5 +733,5 @@ def test_client_paths_never_import_the_server_shim():
     """Last in this file, after every client path above ran: the shim (ray + ndif) stayed out of the client."""
     import sys
 
-    assert "nnsight_vla.remote_server" not in sys.modules
+    assert "nnsight_vla.remote.server" not in sys.modules
     assert "ndif" not in sys.modules

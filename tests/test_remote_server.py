@@ -2,7 +2,7 @@
 
     .venv/bin/python -m pytest -m slow tests/test_remote_server.py
 
-The session fixture starts the whole stack on 127.0.0.1 with :mod:`nnsight_vla.ndif_stack` (ndif 0.1.2's API under
+The session fixture starts the whole stack on 127.0.0.1 with :mod:`nnsight_vla.remote.stack` (ndif 0.1.2's API under
 gunicorn, Ray with the NDIF controller and CPU model actors, Redis from Debian, moto's S3), in its own state folder
 and ports (base 18500), with nnsight_vla importable server-side from this checkout (PYTHONPATH) and the server's
 default dtype set to bfloat16 (so every equality below also proves the model key's dtype wins). It stops everything
@@ -25,8 +25,8 @@ import pytest
 import torch
 
 import nnsight_vla as nv
-from nnsight_vla import ndif_stack
 from nnsight_vla import remote as rm
+from nnsight_vla.remote import stack as ndif_stack
 from nnsight_vla.errors import UnknownFamilyError
 
 pytestmark = pytest.mark.slow

@@ -26,6 +26,8 @@ from nnsight.tracing.tracer import WithBlockNotFoundError
 from torch import nn
 
 from ..errors import IndexOutOfRangeError, InputError
+from ..remote.backend import remote_backend
+from ..remote.keys import describe_checkpoint, rebuild_from_key
 from .checkpoints import move_strays_to_meta, repair_meta_device_context
 from .tree import Stack, check_activation_shapes, check_weight_shapes, install_uniform_tree, stack_shapes
 
@@ -354,22 +356,16 @@ class VLA(Remotable):
     @classmethod
     def _remoteable_from_model_key(cls, model_key: str, **kwargs: Any) -> "VLA":
         # Takes what an NDIF model actor passes (dispatch, dtype, device, device_map, max_memory,
-        # trust_remote_code); see nnsight_vla.remote.rebuild_from_key.
-        from ..remote import rebuild_from_key
-
+        # trust_remote_code); see nnsight_vla.remote.keys.rebuild_from_key.
         return rebuild_from_key(cls, model_key, **kwargs)
 
     @classmethod
     def _remoteable_describe_checkpoint(cls, model_key: str, dtype: str):
         # Sized in the dtype the key will really load with (not the server default), from a meta build.
-        from ..remote import describe_checkpoint
-
         return describe_checkpoint(cls, model_key, dtype)
 
     def _remote_backend(self, remote: Any, blocking: bool, job_id: str | None, verbose: bool):
         # remote=True / URL / RemoteSettings -> bounded NDIF backend with clear errors; "local" -> nnsight's simulation
-        from ..remote import remote_backend
-
         return remote_backend(self, remote, blocking=blocking, job_id=job_id, verbose=verbose)
 
     def _remoteable_persistent_objects(self) -> dict:

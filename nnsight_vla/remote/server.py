@@ -1,22 +1,11 @@
-"""Server-side glue for serving nnsight-vla (and any nnsight 0.8.1) models from an NDIF deployment (``ndif`` 0.1.2).
+"""Server-side glue for serving nnsight-vla models from an NDIF deployment (``ndif`` 0.1.2, nnsight 0.8.1).
 
-Imported only INSIDE the NDIF server (its Ray controller and model actors), never by client code: it imports ``ray``
-and ``ndif``, which are not dependencies of nnsight-vla. Point the server at it with environment variables set
-before ``ray start``; no ndif file is edited.
-
-``ControllerActor`` (``NDIF_CONTROLLER_IMPORT_PATH=nnsight_vla.remote_server.ControllerActor``) -- every deployment
-    ndif 0.1.2's model evaluator calls ``Remotable.describe_checkpoint(key, dtype, trust_remote_code=...)`` and
-    ``Remotable.max_tp_size(key, trust_remote_code=...)``. nnsight 0.8.0 accepted (and ignored) extra keyword
-    arguments there; 0.8.1 removed them because ``trust_remote_code`` now travels inside the model key. Without this
-    controller every on-demand deploy fails with ``TypeError: ... unexpected keyword argument 'trust_remote_code'``.
-    It is ndif's own controller with an evaluator that calls nnsight 0.8.1's signatures.
-
-``CPUModelActor`` (``NDIF_MODEL_IMPORT_PATH=nnsight_vla.remote_server.CPUModelActor``) -- CPU-only servers (tests, CI)
-    ndif's stock ``ModelActor`` pins, caps, synchronises and verifies CUDA devices. This actor loads the model on the
-    CPU and skips that bookkeeping; request execution, timeouts, status messages and result upload stay ndif's own
-    code. A GPU cluster keeps the stock actor. The CPU server must still *declare* a GPU to Ray (``ray start
-    --num-gpus=1 --resources='{"cuda_memory_bytes": N, ...}'``): ndif only places models on nodes with a ``GPU``
-    resource, sized from ``cuda_memory_bytes`` (see :mod:`nnsight_vla.ndif_stack`).
+Imported only inside the NDIF server (it imports ``ray`` and ``ndif``, which are not client dependencies);
+select it with environment variables set before ``ray start``, no ndif file is edited:
+``NDIF_CONTROLLER_IMPORT_PATH=nnsight_vla.remote.server.ControllerActor`` (required with nnsight 0.8.1: ndif's
+evaluator passes ``trust_remote_code`` that 0.8.1 no longer accepts) and, on CPU-only servers,
+``NDIF_MODEL_IMPORT_PATH=nnsight_vla.remote.server.CPUModelActor`` (weights on the CPU, no CUDA bookkeeping;
+Ray must still declare a GPU, see :mod:`nnsight_vla.remote.stack`).
 """
 
 from __future__ import annotations

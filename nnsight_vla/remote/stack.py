@@ -1,40 +1,12 @@
 """Bring a real NDIF stack up and down on ONE machine, loopback only, idempotently (tests, demos, a lab's first try).
 
-    python -m nnsight_vla.ndif_stack up        # install what is missing, start everything, wait until ready
-    python -m nnsight_vla.ndif_stack status    # print the state (JSON); exit 0 when the API answers /connected
-    python -m nnsight_vla.ndif_stack down      # stop everything this script started (also after a failed up)
-    python -m nnsight_vla.ndif_stack install   # only create the server venv / install Redis
+    python -m nnsight_vla.remote.stack up | status | down | install
 
-Stdlib only (importing it costs nothing and pulls in neither Ray nor ndif), so the slow test suite and the CLI
-(:func:`stack_cli`) use it directly. The server runs in its OWN venv (ndif's dependency set differs from the client's)
-and imports nnsight-vla from this checkout via PYTHONPATH, so client and server run the same model code; the shim
-defaults to :mod:`nnsight_vla.remote_server`. A multi-machine GPU cluster is set up as in docs/remote.md instead.
-
-Services (each started in its own session, its pid and session id recorded under
-$NVLA_NDIF_HOME/run, its output in $NVLA_NDIF_HOME/logs/<name>.log):
-
-    redis   Debian's redis-server (apt-get installed when missing), 127.0.0.1, no persistence
-    s3      moto's S3 server on 127.0.0.1 (results too big for the websocket, non-blocking jobs)
-    ray     `ray start --head --block` on 127.0.0.1 with a *declared* GPU (CPU mode), plus the
-            NDIF controller actor launched into it
-    api     ndif's FastAPI app under gunicorn, bound to 127.0.0.1 (ndif's own config says
-            0.0.0.0; the command-line --bind wins), with the queue dispatcher it spawns
-
-`down` ends exactly the processes in the sessions `up` created (found by session id in /proc),
-never by name, so another Ray or Redis on the machine is left alone.
-
-Configuration (environment; defaults in brackets):
-    NVLA_NDIF_HOME        state dir: logs/, run/, ray temp          [/tmp/nvla-ndif]
-    NVLA_NDIF_VENV        server venv (Python 3.11, ndif 0.1.2)     [/work/venvs/ndif]
-    NVLA_NDIF_PYTHON      interpreter used to create that venv      [python3.11 on PATH or pyenv 3.11]
-    NVLA_NDIF_PYTHONPATH  import path for the server: where nnsight_vla lives  [this checkout's root, unless
-                          nnsight_vla is installed in site-packages: then install it into the server venv]
-    NVLA_NDIF_SHIM        module holding ControllerActor/CPUModelActor  [nnsight_vla.remote_server]
-    NVLA_NDIF_CPU         "1": CPU model actor + declared GPU; "0": stock GPU actor  [1 if no nvidia-smi]
-    NVLA_NDIF_PORT_BASE   ports are base+offset (see PORTS)         [18000]
-    NVLA_NDIF_EXEC_TIMEOUT  server-side execution timeout, seconds  [300]
-    NVLA_NDIF_DTYPE       server default dtype                      [float32 on CPU, bfloat16 on GPU]
-    NVLA_NDIF_EXTRA_PIP   extra pip requirements for the server venv (space separated)
+Stdlib only (importing it pulls in neither Ray nor ndif), so the slow tests and the CLI (:func:`stack_cli`) use
+it directly. The server runs in its own venv and imports nnsight-vla from this checkout via PYTHONPATH, so client
+and server run the same model code. Services: Redis, moto's S3, Ray with a declared GPU plus the NDIF controller,
+and ndif's API under gunicorn, each in its own session; ``down`` ends exactly those sessions, never by name.
+Configuration: the ``NVLA_NDIF_*`` environment variables read by :func:`_config`.
 """
 
 from __future__ import annotations
@@ -50,7 +22,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from .errors import StackError  # noqa: F401 (re-exported)
+
+from ..errors import StackError
 
 HOST = "127.0.0.1"
 
@@ -112,11 +85,25 @@ SERVICES = ("redis", "s3", "ray", "api")  # start order; stop order is reversed
 def _default_pythonpath() -> str:
     # A source checkout (editable install included) is put on the server's path; a copy installed in the client's
     # site-packages is not (that would mix two environments): install nnsight-vla into the server venv instead.
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     return "" if root.name in ("site-packages", "dist-packages") else str(root)
 
 
 def _config() -> dict:
+    """The stack's configuration from the environment (defaults in brackets):
+
+    NVLA_NDIF_HOME        state dir: logs/, run/ (pids), ray temp   [/tmp/nvla-ndif]
+    NVLA_NDIF_VENV        server venv (Python 3.11, ndif 0.1.2)     [/work/venvs/ndif]
+    NVLA_NDIF_PYTHON      interpreter used to create that venv      [python3.11 on PATH or pyenv 3.11]
+    NVLA_NDIF_PYTHONPATH  import path for the server: where nnsight_vla lives  [this checkout's root, unless
+                          nnsight_vla is installed in site-packages: then install it into the server venv]
+    NVLA_NDIF_SHIM        module holding ControllerActor/CPUModelActor  [nnsight_vla.remote.server]
+    NVLA_NDIF_CPU         "1": CPU model actor + declared GPU; "0": stock GPU actor  [1 if no nvidia-smi]
+    NVLA_NDIF_PORT_BASE   ports are base+offset (see PORTS)         [18000]
+    NVLA_NDIF_EXEC_TIMEOUT  server-side execution timeout, seconds  [300]
+    NVLA_NDIF_DTYPE       server default dtype                      [float32 on CPU, bfloat16 on GPU]
+    NVLA_NDIF_EXTRA_PIP   extra pip requirements for the server venv (space separated)
+    """
     home = Path(os.environ.get("NVLA_NDIF_HOME", "/tmp/nvla-ndif"))
     base = int(os.environ.get("NVLA_NDIF_PORT_BASE", "18000"))
     cpu_default = "0" if shutil.which("nvidia-smi") else "1"
@@ -125,7 +112,7 @@ def _config() -> dict:
         "home": home,
         "venv": Path(os.environ.get("NVLA_NDIF_VENV", "/work/venvs/ndif")),
         "pythonpath": os.environ.get("NVLA_NDIF_PYTHONPATH", _default_pythonpath()),
-        "shim": os.environ.get("NVLA_NDIF_SHIM", "nnsight_vla.remote_server"),
+        "shim": os.environ.get("NVLA_NDIF_SHIM", "nnsight_vla.remote.server"),
         "cpu": cpu,
         "ports": {name: base + offset for name, offset in PORTS.items()},
         "exec_timeout": os.environ.get("NVLA_NDIF_EXEC_TIMEOUT", "300"),
