@@ -1,14 +1,10 @@
 """The model class every VLA family builds on: an nnsight model with one uniform module tree.
 
-``VLA`` subclasses nnsight's own ``Remotable`` (the 0.8 class stack ``Loadable -> Meta -> Remotable``): the
-constructor builds the module on the meta device (``_load_meta``, no weights) unless asked to dispatch, and
-real weights arrive on the first run (``_load``). Every family exposes:
-
-* ``vla.layers[i].mlp.act`` (and ``vla.expert_layers[i].mlp.act`` for pi0's action expert): the MLP
-  post-activation ``act_fn(gate(x)) * up(x)``, i.e. the input of ``down_proj`` (TransformerLens ``hook_post``);
-* ``vla.lm_head``, ``vla.num_layers``, ``vla.d_mlp``, ``vla.d_model``, ``vla.action_token_ids``;
-* ``vla.predict_action(images, instruction, state=None, ...)``, traceable: ``with vla.predict_action(...) as
-  tracer: for _ in tracer.iter[:]: ...`` reaches every forward pass that produces the action.
+``VLA`` subclasses nnsight's ``Remotable``: the constructor builds the module on the meta device (no weights)
+unless asked to dispatch; real weights arrive on the first run. :meth:`VLA._build` is the one build skeleton
+(meta / tiny / checkpoint) with small per-family hooks. Every family exposes ``vla.layers[i].mlp.act`` (the MLP
+post-activation, TransformerLens ``hook_post``), ``lm_head``, the stack dimensions, ``action_token_ids`` and a
+traceable ``predict_action`` whose ``tracer.iter[:]`` reaches every forward that produces the action.
 """
 
 from __future__ import annotations
@@ -17,7 +13,8 @@ import ast
 import functools
 import json
 import os
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 import torch
@@ -25,10 +22,10 @@ from nnsight.modeling.mixins.remotable import Remotable
 from nnsight.tracing.tracer import WithBlockNotFoundError
 from torch import nn
 
-from ..errors import IndexOutOfRangeError, InputError
+from ..errors import CheckpointError, IndexOutOfRangeError, InputError
 from ..remote.backend import remote_backend
 from ..remote.keys import describe_checkpoint, rebuild_from_key
-from .checkpoints import move_strays_to_meta, repair_meta_device_context
+from .checkpoints import move_strays_to_meta, realign_storage, repair_meta_device_context
 from .tree import Stack, check_activation_shapes, check_weight_shapes, install_uniform_tree, stack_shapes
 
 # Persistent ids of the per-model objects a remote request references instead of serialising.
@@ -100,6 +97,12 @@ class VLA(Remotable):
     lm_head_path: ClassVar[str] = ""
     #: cameras the model consumes, in order
     camera_names: ClassVar[tuple[str, ...]] = ("primary",)
+    #: the transformers model class built from ``self.config`` (and loaded by the default :meth:`_load_weights`)
+    model_class: ClassVar[type] = nn.Module
+    #: attention implementation forced on ``self.config`` and on ``from_pretrained`` (None: the model's choice)
+    attn_implementation: ClassVar[str | None] = None
+    #: the family's load options as given (None: unset); set ones travel in the model key
+    family_options: Mapping[str, Any] = MappingProxyType({})
 
     def __init__(
         self,
@@ -122,27 +125,58 @@ class VLA(Remotable):
         self.revision = revision
         self.dtype_name = None if dtype is None else str(resolve_dtype(dtype)).removeprefix("torch.")
         self.device_name = None if device is None else str(device)
-        self.tiny_spec = None if tiny is None else {"seed": int(tiny.get("seed", 0)), "config": dict(tiny.get("config", {}))}
+        self.tiny_spec = (
+            None if tiny is None else {"seed": int(tiny.get("seed", 0)), "config": dict(tiny.get("config", {}))}
+        )
         for attr in PERSISTENT:
             setattr(self, attr, None)
         rename = {stack.path: stack.attr for stack in self.stacks}
         rename[self.lm_head_path] = "lm_head"
         kwargs.setdefault("rename", rename)
-        load_kwargs = {"revision": revision, "dtype": self.dtype_name, "device": self.device_name, "tiny": self.tiny_spec}
+        load_kwargs = {
+            "revision": revision, "dtype": self.dtype_name, "device": self.device_name, "tiny": self.tiny_spec
+        }
         # a tiny model is built with real weights right away: it is small and its weights come from a seed
         super().__init__(source, dispatch=dispatch or tiny is not None, **load_kwargs, **kwargs)
         if check:
             self.check_tree()
 
-    # -- building (families implement _build and _load_processors) -----------------------------------------------
-
-    def _build(self, source, *, revision, dtype, device, tiny, meta: bool) -> nn.Module:
-        """Build the torch module: on meta (structure only) or with real weights."""
-        raise NotImplementedError
+    # -- building (families implement _load_processors and the _build hooks) ---------------------------------------
 
     def _load_processors(self, source, *, revision, tiny) -> None:
-        """Set ``self.tokenizer`` and the family's other preprocessing objects."""
+        """Set ``self.config``, ``self.tokenizer`` and the family's other preprocessing objects."""
         raise NotImplementedError
+
+    def _build(self, source, *, revision, dtype, device, tiny, meta: bool) -> nn.Module:
+        """Build the torch module: the structure only (``meta``), a seeded tiny model, or a checkpoint's weights."""
+        if self.attn_implementation is not None:
+            self.config._attn_implementation = self.attn_implementation
+        if meta:
+            return self._new_module()
+        dtype = resolve_dtype(dtype) or torch.float32
+        if tiny is not None:
+            torch.manual_seed(int(tiny.get("seed", 0)))
+            module = self._init_tiny(self._new_module())
+            return module.to(dtype=dtype, device=device or "cpu")
+        return self._load_weights(dtype, device)
+
+    def _new_module(self) -> nn.Module:
+        """A freshly initialised module of ``self.config`` (on the current default device)."""
+        return self.model_class(self.config)
+
+    def _init_tiny(self, module: nn.Module) -> nn.Module:
+        """Adjust a freshly seeded tiny module (hook; the default keeps it as built)."""
+        return module
+
+    def _load_weights(self, dtype: torch.dtype, device: Any) -> nn.Module:
+        """The checkpoint in ``self.folder`` with real weights; default: transformers' ``from_pretrained``."""
+        try:
+            module = self.model_class.from_pretrained(
+                str(self.folder), dtype=dtype, attn_implementation=self.attn_implementation
+            )
+        except (OSError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"could not load the {self.family} weights from {self.folder}: {error}") from error
+        return realign_storage(module.to(device or "cpu"))
 
     def _finish(self, module: nn.Module) -> nn.Module:
         install_uniform_tree(module, self.stacks)
@@ -216,6 +250,18 @@ class VLA(Remotable):
     def action_horizon(self) -> int:
         """Actions returned per call: 1 for single-step models, H for chunking models."""
         return 1
+
+    def _horizon(self, horizon: Any) -> int:
+        """A ``horizon=`` argument checked against the chunk length (None: the whole chunk)."""
+        if horizon is None:
+            return self.action_horizon
+        is_int = isinstance(horizon, (int, np.integer)) and not isinstance(horizon, bool)
+        if not is_int or not 1 <= horizon <= self.action_horizon:
+            raise InputError(
+                f"{self.family} makes chunks of {self.action_horizon} actions; "
+                f"horizon must be 1..{self.action_horizon}, got {horizon!r}"
+            )
+        return int(horizon)
 
     def forward_count(self, **predict_kwargs: Any) -> int:
         """Root forward passes in one ``predict_action`` call with these keyword arguments (``tracer.iter`` bound)."""
@@ -345,12 +391,13 @@ class VLA(Remotable):
         # Everything the server needs to rebuild THIS model (the class path in front names the family): the
         # checkpoint (an existing local folder as an absolute path: the server reads the same path), the revision,
         # the dtype asked for or "auto" (the family's default for the source, rebuilt the same way server-side:
-        # the server's own default dtype must not decide it) and, for tiny models, the config overrides and seed.
-        # Families add their load options. Sorted keys: the key string is the server's deployment identity.
+        # the server's own default dtype must not decide it), for tiny models the config overrides and seed, and
+        # the family's load options that were set. Sorted keys: the key string is the server's deployment identity.
         data = {"family": self.family, "source": self._key_source, "revision": self.revision,
                 "dtype": self.dtype_name or "auto"}
         if self.tiny_spec is not None:
             data["tiny"] = self.tiny_spec
+        data.update({k: v for k, v in self.family_options.items() if v is not None})
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -403,47 +450,22 @@ class VLA(Remotable):
         return "; ".join(parts)
 
 
-def as_uint8_image(image: Any, where: str = "image") -> np.ndarray:
-    """Validate one camera image: an HxWx3 uint8 array (or a PIL image). Returns the array."""
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - pillow is a dependency
-        Image = None
-    if Image is not None and isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    if not isinstance(image, np.ndarray):
-        raise InputError(f"{where} must be an HxWx3 uint8 numpy array or a PIL image, got {type(image).__name__}")
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise InputError(f"{where} must have shape (H, W, 3) (RGB, channels last), got {image.shape}")
-    if image.dtype != np.uint8:
-        raise InputError(
-            f"{where} must be uint8 (0..255), got {image.dtype}; convert with (img * 255).round().astype(np.uint8) "
-            "if it is a float image in [0, 1]"
-        )
-    if image.shape[0] < 2 or image.shape[1] < 2:
-        raise InputError(f"{where} is too small: {image.shape}")
-    return image
-
-
-def as_state(state: Any, dim: int, family: str) -> np.ndarray:
-    """Validate a robot state vector of length ``dim``."""
-    if state is None:
-        raise InputError(f"{family} needs the robot state (a vector of {dim} numbers); got None")
-    array = np.asarray(state, dtype=np.float32).reshape(-1)
-    if array.shape[0] != dim:
-        raise InputError(f"{family} expects a state of dimension {dim}, got {array.shape[0]}")
-    if not np.all(np.isfinite(array)):
-        raise InputError(f"{family} state contains NaN or infinite values: {array}")
-    return array
-
-
 def check_instruction(instruction: Any) -> str:
     if not isinstance(instruction, str) or not instruction.strip():
         raise InputError(f"instruction must be a non-empty string, got {instruction!r}")
     return instruction
 
 
-def as_sequence(value: Any) -> Sequence:
-    return value if isinstance(value, (list, tuple)) else [value]
+def positive_int(value: Any, name: str) -> int:
+    """``value`` as an int, or an InputError naming ``name`` unless it is a positive integer (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_camera_names(camera_names: Any) -> tuple[str, ...]:
+    """A ``camera_names`` load option (one name or a sequence) as a tuple of distinct non-empty strings."""
+    names = (camera_names,) if isinstance(camera_names, str) else tuple(camera_names)
+    if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise InputError(f"camera_names must be distinct non-empty strings, got {camera_names!r}")
+    return names

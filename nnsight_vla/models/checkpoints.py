@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
 from .. import files
 from ..errors import CheckpointError
@@ -75,12 +76,12 @@ class Layout:
         groups: dict[tuple, tuple[Rule, list[str], list[str]]] = {}
         unmatched = []
         compiled = [
-            (our_prefix, original_prefix, rule, rule.pattern(rule.ours[0]), [rule.pattern(t) for t in rule.ours])
+            (our_prefix, original_prefix, rule, [rule.pattern(t) for t in rule.ours])
             for our_prefix, original_prefix, rules in self.sections
             for rule in rules
         ]
         for name in our_names:
-            for our_prefix, original_prefix, rule, first, patterns in compiled:
+            for our_prefix, original_prefix, rule, patterns in compiled:
                 if not name.startswith(our_prefix):
                     continue
                 tail = name[len(our_prefix):]
@@ -193,6 +194,26 @@ def read_json(folder: Path, name: str) -> dict:
         return json.loads(file.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{file} is not valid JSON: {error}") from error
+
+
+def read_config(folder: Path, config_class: type, model_type: str, hint: str):
+    """``config_class.from_pretrained(folder)`` after checking ``config.json``'s ``model_type``; ``hint`` says
+    what the family loads instead when the type differs."""
+    found = read_json(folder, "config.json").get("model_type")
+    if found != model_type:
+        raise CheckpointError(f"{folder} holds a {found!r} model; {hint}")
+    try:
+        return config_class.from_pretrained(str(folder))
+    except Exception as error:  # noqa: BLE001 - one actionable message for a broken config
+        raise CheckpointError(f"{folder} is not a valid {model_type!r} checkpoint: {error}") from error
+
+
+def load_tokenizer(folder: Path, **kwargs):
+    """The checkpoint's tokenizer (``AutoTokenizer``), with an error naming the folder."""
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    except Exception as error:  # noqa: BLE001
+        raise CheckpointError(f"could not load the tokenizer from {folder}: {error}") from error
 
 
 def write_json_atomic(path: Path, data) -> None:

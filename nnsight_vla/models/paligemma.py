@@ -7,7 +7,6 @@
 * :class:`PI0ImageProcessorPil`: transformers' ``PI0ImageProcessor`` (resize inside 224x224 keeping the aspect
   ratio, rescale to [-1, 1], pad to 224x224) on transformers' PIL backend. The published class needs torchvision,
   which does not install beside torch 2.13 here; this twin reads and writes the same ``image_processor`` dict.
-* :func:`resize_with_pad`: openpi's letterbox resize (what pi0-FAST was trained with).
 * :class:`TiedUnembedding`: an ``lm_head`` for a backbone whose output projection is its input embedding.
 """
 
@@ -16,7 +15,6 @@ from __future__ import annotations
 import string
 from typing import Iterable
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerFast
@@ -28,6 +26,12 @@ from .tokenizer import TINY_CORPUS
 #: PaliGemma's sentencepiece vocabulary: 256000 Gemma pieces + 1024 ``<loc>`` + 128 ``<seg>`` tokens.
 PALIGEMMA_VOCAB_SIZE = 257152
 PALIGEMMA_SEG_TOKENS = 128
+
+# Widths of the tiny Gemma backbone and SigLIP tower that tiny pi0 and pi0-FAST models share.
+TINY_GEMMA = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=16)
+TINY_SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=8,
+                   vision_use_head=False)
 
 # Prompts the tiny tokenizers should split into few pieces (openpi's pi0 and pi0-FAST prompt formats).
 PALIGEMMA_TINY_CORPUS = [
@@ -118,25 +122,6 @@ class PI0ImageProcessorPil(PilBackend):
         """Build from a saved ``image_processor`` dict (``processor_config.json`` or ``preprocessor_config.json``)."""
         keep = {k: v for k, v in data.items() if k not in ("image_processor_type", "processor_class", "backend")}
         return cls(**keep)
-
-
-def resize_with_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Letterbox an HxWx3 uint8 image into ``height`` x ``width`` (aspect kept, bilinear, black bars centred).
-
-    The resize openpi applies to every camera before pi0 / pi0-FAST (``image_tools.resize_with_pad``).
-    """
-    from PIL import Image
-
-    cur_h, cur_w = image.shape[:2]
-    if (cur_h, cur_w) == (height, width):
-        return image
-    ratio = max(cur_w / width, cur_h / height)
-    new_h, new_w = max(1, int(cur_h / ratio)), max(1, int(cur_w / ratio))
-    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample=Image.BILINEAR))
-    out = np.zeros((height, width, 3), dtype=np.uint8)
-    top, left = max(0, (height - new_h) // 2), max(0, (width - new_w) // 2)
-    out[top:top + new_h, left:left + new_w] = resized
-    return out
 
 
 class TiedUnembedding(nn.Module):

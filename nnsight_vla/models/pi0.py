@@ -1,57 +1,26 @@
-"""pi0 (flow matching) on transformers' native ``PI0ForConditionalGeneration``.
+"""The registered ``pi0`` family: pi0 (flow matching) on transformers' native ``PI0ForConditionalGeneration``.
 
-Structure (transformers 5): ``model.vlm`` is a ``PaliGemmaModel`` (SigLIP + Gemma, no LM head) and ``model.dit``
-the action expert (a smaller Gemma that attends to the backbone's KV cache). The uniform tree:
-
-* ``vla.layers[i].mlp.act``: the PaliGemma/Gemma backbone (``model.vlm.language_model.layers``),
-* ``vla.expert_layers[i].mlp.act``: the action expert (``model.dit.layers``),
-* ``vla.lm_head``: the backbone's unembedding, see below.
-
-**Forward structure of one ``predict_action``** (``num_steps`` = K, default ``config.num_inference_steps``):
-K calls of the root module, one per Euler step of the flow. Call 0 takes the images and the prompt: it runs the
-vision tower and the backbone over the prefix once (filling the KV cache), then the expert; calls 1..K-1 run the
-expert only, against the cached prefix. So ``tracer.iter[:K]`` walks the K denoising steps; the backbone is reached
-in step 0 only (``vla.stack_forwards("backbone") == [0]``) and the expert in every step. An edit on the backbone
-therefore always acts through the cached prefix on every step; inside a ``tracer.iter`` loop, touch the backbone
-only when ``step in vla.stack_forwards("backbone")`` (asking for backbone step 1 parks the loop: nnsight then cuts
-the block with a warning and the expert edits of later steps are never applied).
-
-**lm_head / unembedding.** pi0 makes actions through the expert and never decodes tokens, so it has no LM head.
-``vla.lm_head`` is PaliGemma's own (tied) unembedding: the backbone's input embedding matrix E, used as
-``logits = h @ E.T`` exactly as ``PaliGemmaForConditionalGeneration.lm_head`` (tied to ``embed_tokens``) does.
-No sqrt(d_model) factor: Gemma scales embeddings on the input side only. It is the projection the paper's logit
-lens needs for the backbone's value vectors; the expert (width ``stack_dims("expert")[1]``) has no projection
-onto the vocabulary. ``action_token_ids`` raises: pi0 has no action tokens.
-
-**Checkpoints**: transformers' PI0 format, i.e. ``PI0ForConditionalGeneration.save_pretrained`` (``config.json``,
-safetensors) + ``PI0Processor.save_pretrained`` (``processor_config.json`` with ``state_mean/std``,
-``actions_mean/std``, ``chunk_size``, ``max_state_dim`` and the nested ``image_processor`` dict; tokenizer files).
-Real weights load with transformers' own ``from_pretrained``. Without statistics, states are taken as already
-normalised and actions are returned normalised (``action_dim`` = ``max_action_dim``).
-
-**Noise**: deterministic in ``seed`` (a CPU ``torch.Generator``), or pass ``noise`` yourself, so steered and
-unsteered runs start from the same sample.
+``model.vlm`` is a PaliGemma backbone (SigLIP + Gemma, ``vla.layers``) and ``model.dit`` the action expert
+(``vla.expert_layers``), a smaller Gemma that attends to the backbone's KV cache. Checkpoints are transformers'
+PI0 format; the forward structure, the ``lm_head`` and the noise are described on :class:`PI0`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoTokenizer, PI0Config, PI0ForConditionalGeneration, PI0Processor
+from transformers import PI0Config, PI0ForConditionalGeneration, PI0Processor
 
-from ..errors import CheckpointError, InputError, VLAError
-from .base import VLA, as_uint8_image, check_instruction, resolve_dtype
-from .checkpoints import read_json, realign_storage, resolve_folder, write_json_atomic
-from .paligemma import (
-    PI0ImageProcessorPil,
-    TiedUnembedding,
-    build_paligemma_style_tokenizer,
-)
+from ..errors import CheckpointError, InputError
+from .base import VLA, check_camera_names, check_instruction, positive_int
+from .checkpoints import load_tokenizer, read_config, read_json, resolve_folder, write_json_atomic
+from .paligemma import TINY_GEMMA, TINY_SIGLIP, PI0ImageProcessorPil, TiedUnembedding, build_paligemma_style_tokenizer
+from .paligemma_lens import pi0_backbone_bridge
+from .preprocessing import as_uint8_image
 from .registry import register
 from .tree import Stack
 
@@ -76,12 +45,8 @@ def tiny_config(overrides: dict | None = None) -> tuple[PI0Config, dict | None]:
     overrides = dict(overrides or {})
     vocab = int(overrides.pop("vocab", 1024))
     image_size = int(overrides.pop("image_size", 32))
-    text = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-                num_key_value_heads=1, head_dim=16)
-    text.update(overrides.pop("text", {}))
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=8,
-                  vision_use_head=False)
-    vision.update(overrides.pop("vision", {}))
+    text = {**TINY_GEMMA, **overrides.pop("text", {})}
+    vision = {**TINY_SIGLIP, **overrides.pop("vision", {})}
     # the expert reads the backbone's KV cache layer by layer: same depth, kv heads and head_dim
     expert = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
                   num_hidden_layers=text["num_hidden_layers"], num_key_value_heads=text["num_key_value_heads"],
@@ -110,10 +75,30 @@ def tiny_config(overrides: dict | None = None) -> tuple[PI0Config, dict | None]:
 class PI0(VLA):
     """pi0 as an nnsight model: ``vla.layers`` (PaliGemma backbone) and ``vla.expert_layers`` (action expert).
 
-    ``predict_action(images, instruction, state, seed=0)`` returns the action chunk ``(horizon, action_dim)``;
-    ``for step in tracer.iter[:vla.forward_count()]`` reaches every denoising step (see the module docstring).
+    ``predict_action(images, instruction, state, seed=0)`` returns the action chunk ``(horizon, action_dim)``.
+    Extra load option: ``camera_names`` (default ``("base", "wrist")``), the cameras in prompt order.
 
-    Extra load options: ``camera_names`` (default ``("base", "wrist")``): the cameras, in prompt order.
+    **Forwards.** One ``predict_action`` makes K root forwards, one per Euler step of the flow (``num_steps``,
+    default ``config.num_inference_steps``). Forward 0 takes the images and the prompt: it runs the vision tower
+    and the backbone over the prefix once (filling the KV cache), then the expert; forwards 1..K-1 run the expert
+    only, against the cached prefix. So ``tracer.iter[:K]`` walks the K denoising steps, the backbone is reached
+    in step 0 only (``vla.stack_forwards("backbone") == [0]``) and the expert in every step. An edit on the
+    backbone acts through the cached prefix on every step; inside a ``tracer.iter`` loop touch the backbone only
+    when ``step in vla.stack_forwards("backbone")`` (asking for backbone step 1 parks the loop: nnsight cuts the
+    block with a warning and the expert edits of later steps are never applied).
+
+    **lm_head.** pi0 never decodes tokens, so it has no LM head: ``vla.lm_head`` is PaliGemma's own tied
+    unembedding, ``logits = h @ E.T`` with E the backbone's input embedding (no sqrt(d_model) factor: Gemma scales
+    on the input side only), the projection the logit lens needs for the backbone's value vectors. The expert has
+    no projection onto the vocabulary, and ``action_token_ids`` raises.
+
+    **Checkpoints**: ``PI0ForConditionalGeneration.save_pretrained`` + ``PI0Processor.save_pretrained``
+    (``processor_config.json`` with ``state_mean/std``, ``actions_mean/std``, ``chunk_size``, ``max_state_dim``
+    and the ``image_processor`` dict; tokenizer files). Without statistics, states are taken as normalised and
+    actions are returned normalised (``action_dim`` = ``max_action_dim``).
+
+    **Noise**: deterministic in ``seed`` (a CPU ``torch.Generator``), or pass ``noise``, so steered and unsteered
+    runs start from the same sample.
     """
 
     stacks = (
@@ -122,13 +107,12 @@ class PI0(VLA):
     )
     lm_head_path = "unembed"
     camera_names = ("base", "wrist")
+    model_class = PI0ForConditionalGeneration
+    attn_implementation = "sdpa"
 
     def __init__(self, source: Any = None, *, camera_names: Any = None, **kwargs: Any) -> None:
         if camera_names is not None:
-            names = (camera_names,) if isinstance(camera_names, str) else tuple(camera_names)
-            if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
-                raise InputError(f"camera_names must be distinct non-empty strings, got {camera_names!r}")
-            self.camera_names = names
+            self.camera_names = check_camera_names(camera_names)
         self.family_options = {"camera_names": None if camera_names is None else list(self.camera_names)}
         super().__init__(source, **kwargs)
 
@@ -147,16 +131,10 @@ class PI0(VLA):
         else:
             patterns = ("*.json", "*.safetensors", "tokenizer*", "*.model")
             self.folder = resolve_folder(source, revision, patterns=patterns)
-            model_type = read_json(self.folder, "config.json").get("model_type")
-            if model_type != "pi0":
-                raise CheckpointError(
-                    f"{self.folder} holds a {model_type!r} model; the pi0 family loads transformers' PI0 format "
-                    "(model_type 'pi0'; use family 'pi0-fast' for a PaliGemma checkpoint)"
-                )
-            try:
-                self.config = PI0Config.from_pretrained(str(self.folder))
-            except Exception as error:  # noqa: BLE001 - one actionable message for a broken config
-                raise CheckpointError(f"{self.folder} is not a transformers PI0 checkpoint: {error}") from error
+            self.config = read_config(
+                self.folder, PI0Config, "pi0",
+                "the pi0 family loads transformers' PI0 format (use family 'pi0-fast' for a PaliGemma checkpoint)",
+            )
             processor = read_json(self.folder, PROCESSOR_CONFIG) if (self.folder / PROCESSOR_CONFIG).is_file() else {}
             image = processor.get("image_processor")
             if image is None and (self.folder / "preprocessor_config.json").is_file():
@@ -167,10 +145,7 @@ class PI0(VLA):
                     "or a preprocessor_config.json), as PI0Processor.save_pretrained writes them"
                 )
             self.image_processor = PI0ImageProcessorPil.from_config_dict(image)
-            try:
-                self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
-            except Exception as error:  # noqa: BLE001
-                raise CheckpointError(f"could not load the tokenizer from {self.folder}: {error}") from error
+            self.tokenizer = load_tokenizer(self.folder)
             stats = {k: processor.get(k) for k in ("state_mean", "state_std", "actions_mean", "actions_std")}
             stats = stats if all(v is not None for v in stats.values()) else None
         self.stats = stats
@@ -193,22 +168,6 @@ class PI0(VLA):
                     f"{key}_mean/{key}_std have lengths {len(mean)}/{len(std)}; they must match and be 1..{limit}"
                 )
 
-    def _build(self, source, *, revision, dtype, device, tiny, meta) -> nn.Module:
-        self.config._attn_implementation = "sdpa"
-        if meta:
-            return PI0ForConditionalGeneration(self.config)
-        if tiny is not None:
-            torch.manual_seed(int(tiny.get("seed", 0)))
-            model = PI0ForConditionalGeneration(self.config)
-            return model.to(dtype=resolve_dtype(dtype) or torch.float32, device=device or "cpu")
-        try:
-            model = PI0ForConditionalGeneration.from_pretrained(
-                str(self.folder), dtype=resolve_dtype(dtype) or torch.float32, attn_implementation="sdpa"
-            )
-        except (OSError, ValueError, RuntimeError) as error:
-            raise CheckpointError(f"could not load the PI0 weights from {self.folder}: {error}") from error
-        return realign_storage(model.to(device or "cpu"))
-
     def _finish(self, module: nn.Module) -> nn.Module:
         module.unembed = TiedUnembedding(module.model.vlm.language_model.embed_tokens)
         return super()._finish(module)
@@ -225,11 +184,6 @@ class PI0(VLA):
         config = read_json(folder, PROCESSOR_CONFIG)
         config.setdefault("image_processor", {})["image_processor_type"] = "PI0ImageProcessor"
         write_json_atomic(folder / PROCESSOR_CONFIG, config)
-
-    def _remoteable_model_key(self) -> str:
-        data = json.loads(super()._remoteable_model_key())
-        data.update({k: v for k, v in self.family_options.items() if v is not None})
-        return json.dumps(data, sort_keys=True)
 
     # -- the uniform surface -------------------------------------------------------------------------------
 
@@ -270,8 +224,6 @@ class PI0(VLA):
     def to_transformer_lens(self, stack: str = "backbone"):
         """A TransformerLens bridge over the PaliGemma backbone (a ``PaliGemmaForConditionalGeneration`` sharing
         this model's backbone tensors, ``lm_head`` tied to the embedding). The expert has no TL view."""
-        from .paligemma_lens import pi0_backbone_bridge
-
         if self.stack(stack).name != "backbone":
             raise InputError(
                 "only the PaliGemma backbone has a TransformerLens view; the action expert has no unembedding"
@@ -282,10 +234,7 @@ class PI0(VLA):
     # -- inference -----------------------------------------------------------------------------------------
 
     def _num_steps(self, num_steps: int | None) -> int:
-        steps = self.config.num_inference_steps if num_steps is None else num_steps
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise InputError(f"num_steps must be a positive integer, got {num_steps!r}")
-        return int(steps)
+        return positive_int(self.config.num_inference_steps if num_steps is None else num_steps, "num_steps")
 
     def _state(self, state: Any) -> np.ndarray:
         if state is None:
@@ -363,17 +312,6 @@ class PI0(VLA):
             std = np.asarray(self.stats["actions_std"], dtype=np.float32)
             actions = actions * (std + 1e-8) + mean  # inverse of PI0Processor.normalize
         return actions
-
-    def _horizon(self, horizon: int | None) -> int:
-        if horizon is None:
-            return self.action_horizon
-        is_int = isinstance(horizon, (int, np.integer)) and not isinstance(horizon, bool)
-        if not is_int or not 1 <= horizon <= self.action_horizon:
-            raise InputError(
-                f"pi0 produces chunks of {self.action_horizon} actions; "
-                f"horizon must be 1..{self.action_horizon}, got {horizon!r}"
-            )
-        return int(horizon)
 
     def _noise(self, noise: Any, seed: int) -> torch.Tensor:
         shape = (1, self.config.chunk_size, self.config.max_action_dim)

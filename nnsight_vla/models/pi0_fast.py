@@ -1,44 +1,13 @@
-"""pi0-FAST: a PaliGemma (SigLIP + Gemma) that writes actions as FAST tokens, on transformers'
-``PaliGemmaForConditionalGeneration``.
+"""The registered ``pi0-fast`` family: a PaliGemma (SigLIP + Gemma) that writes actions as FAST tokens.
 
-**Prompt and decoding (openpi's ``FASTTokenizer`` / ``Pi0FAST.sample_actions``).** The prefix is every camera's
-image tokens, then ``<bos>Task: {instruction, lower-cased, "_" -> " "}, State: {s_1 s_2 ...};\\n`` where each
-normalised state value is discretised into 256 bins over [-1, 1]. The prefix attends bidirectionally
-(``token_type_ids = 0``); the model then greedily writes ``Action: `` + FAST tokens + ``|`` + ``<eos>``, causally.
-FAST token t is vocabulary id ``V - 1 - 128 - t`` (V = the PaliGemma vocabulary, 257152; the image token id of the
-config). The FAST ids between ``Action: `` and ``|`` decode through :class:`~.fast_tokenizer.FastActionTokenizer`
-(inverse DCT) to a normalised chunk, which the checkpoint's quantile statistics map back to actions.
-A sequence that does not decode (no ``Action: ``, a non-action token inside, the wrong number of coefficients) gives
-openpi's fallback, a zero chunk in normalised space, with a logged warning; ``vla.last_decode`` says what happened
-(``strict=True`` raises instead).
-
-**Forward structure of one ``predict_action``**: forward 0 is the prefill (vision tower + backbone over the
-prefix), which yields the first token; each further token costs one cached forward of the backbone. Decoding stops
-at ``<eos>`` or after ``max_new_tokens`` tokens, so a call makes ``n_generated`` <= ``max_new_tokens`` forwards
-(``vla.forward_count()`` is that upper bound; ``stop_at_eos=False`` makes it exact). Every forward runs the whole
-backbone and ``lm_head``. Steering on every forward: ``for step in tracer.iter[:]`` (open, ends at the last forward
-with nnsight's warning) or ``stop_at_eos=False`` with ``tracer.iter[:vla.forward_count()]``; prefill only (what the
-authors did for pi0-FAST): edit without ``tracer.iter``.
-
-**Checkpoint folder** (PaliGemma format + the FAST tokenizer)::
-
-    config.json, model*.safetensors, generation_config.json   PaliGemmaForConditionalGeneration.save_pretrained
-    tokenizer.json, tokenizer_config.json, ...                the PaliGemma tokenizer
-    preprocessor_config.json                                  SigLIP image processor (optional: default from config)
-    fast_tokenizer/processor_config.json, tokenizer.json      the FAST tokenizer (physical-intelligence/fast layout),
-                                                              with time_horizon and action_dim set
-    norm_stats.json                                           openpi's {"norm_stats": {"state"|"actions": {q01, q99,
-                                                              mean, std}}} (optional: without it, states are taken
-                                                              as normalised and actions are returned normalised)
-
-Load options: ``fast_tokenizer`` (another FAST folder or hub id, e.g. ``physical-intelligence/fast``),
-``action_horizon`` / ``action_dim`` (override or supply what the FAST config leaves unset), ``camera_names``
-(default ``("base", "wrist")``), ``max_new_tokens`` (default: ``generation_config.max_new_tokens``, else 256).
+Built on transformers' ``PaliGemmaForConditionalGeneration``; the prompt, decoding and fallback follow openpi's
+``FASTTokenizer`` / ``Pi0FAST.sample_actions``, and the FAST ids decode through
+:class:`~.fast_tokenizer.FastActionTokenizer`. Prompt, forwards, checkpoint folder and load options are
+described on :class:`PI0Fast`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,17 +16,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoTokenizer, GenerationConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration
+from transformers import GenerationConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from ..errors import CheckpointError, InputError
-from .base import VLA, as_uint8_image, check_instruction, resolve_dtype
-from .checkpoints import read_json, realign_storage, resolve_folder, write_json_atomic
+from .base import VLA, check_camera_names, check_instruction, positive_int
+from .checkpoints import load_tokenizer, read_config, read_json, resolve_folder, write_json_atomic
 from .fast_tokenizer import FastActionTokenizer, FastDecodeError
-from .paligemma import (
-    build_paligemma_style_tokenizer,
-    resize_with_pad,
-)
+from .paligemma import TINY_GEMMA, TINY_SIGLIP, build_paligemma_style_tokenizer
+from .paligemma_lens import paligemma_bridge
+from .preprocessing import as_uint8_image, resize_with_pad
 from .registry import register
 from .tree import Stack
 
@@ -94,12 +62,8 @@ def tiny_config(overrides: dict | None = None) -> tuple[PaliGemmaConfig, dict]:
     overrides = dict(overrides or {})
     vocab = int(overrides.pop("vocab", 1024))
     image_size = int(overrides.pop("image_size", 32))
-    text = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-                num_key_value_heads=1, head_dim=16)
-    text.update(overrides.pop("text", {}))
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=8,
-                  vision_use_head=False)
-    vision.update(overrides.pop("vision", {}))
+    text = {**TINY_GEMMA, **overrides.pop("text", {})}
+    vision = {**TINY_SIGLIP, **overrides.pop("vision", {})}
     extras = {
         "n_loc": int(overrides.pop("n_loc", 256)),
         "horizon": int(overrides.pop("horizon", TINY_HORIZON)),
@@ -145,11 +109,36 @@ class PI0Fast(VLA):
     """pi0-FAST as an nnsight model: ``vla.layers`` (PaliGemma's Gemma), ``vla.lm_head`` (tied unembedding).
 
     ``predict_action(images, instruction, state)`` returns the action chunk ``(horizon, action_dim)``.
+
+    **Prompt and decoding.** The prefix is every camera's image tokens, then ``<bos>Task: {instruction, lower-cased,
+    "_" -> " "}, State: {s_1 s_2 ...};\\n``, each normalised state value discretised into 256 bins over [-1, 1].
+    The prefix attends bidirectionally (``token_type_ids = 0``); the model then greedily writes ``Action: `` +
+    FAST tokens + ``|`` + ``<eos>``, causally. FAST token t is vocabulary id ``V - 1 - 128 - t`` (V: the PaliGemma
+    vocabulary, the config's image token id). A sequence that does not decode gives openpi's fallback, a zero
+    chunk in normalised space, with a logged warning; ``vla.last_decode`` says what happened (``strict=True``
+    raises instead).
+
+    **Forwards.** Forward 0 is the prefill (vision tower + backbone over the prefix), which yields the first
+    token; each further token costs one cached forward. Decoding stops at ``<eos>`` or after ``max_new_tokens``,
+    so ``vla.forward_count()`` is an upper bound (``stop_at_eos=False`` makes it exact). Every forward runs the
+    whole backbone and ``lm_head``. Steer every forward with an open ``tracer.iter[:]`` or ``stop_at_eos=False``
+    and ``tracer.iter[:vla.forward_count()]``; prefill only (what the authors did): edit without ``tracer.iter``.
+
+    **Checkpoint folder**: PaliGemma's ``save_pretrained`` (config, safetensors, generation config), the PaliGemma
+    tokenizer, ``preprocessor_config.json`` (optional), ``fast_tokenizer/`` (the physical-intelligence/fast
+    layout, with time_horizon and action_dim set) and ``norm_stats.json`` (openpi's q01/q99 statistics; optional:
+    without it states are taken as normalised and actions are returned normalised).
+
+    **Load options**: ``fast_tokenizer`` (another FAST folder or hub id), ``action_horizon`` / ``action_dim``
+    (supply what the FAST config leaves unset), ``camera_names`` (default ``("base", "wrist")``),
+    ``max_new_tokens`` (default: ``generation_config.max_new_tokens``, else 256).
     """
 
     stacks = (Stack("backbone", "layers", "model.language_model.layers"),)
     lm_head_path = "lm_head"
     camera_names = ("base", "wrist")
+    model_class = PaliGemmaForConditionalGeneration
+    attn_implementation = "sdpa"
 
     def __init__(
         self,
@@ -163,14 +152,11 @@ class PI0Fast(VLA):
         **kwargs: Any,
     ) -> None:
         if camera_names is not None:
-            names = (camera_names,) if isinstance(camera_names, str) else tuple(camera_names)
-            if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
-                raise InputError(f"camera_names must be distinct non-empty strings, got {camera_names!r}")
-            self.camera_names = names
+            self.camera_names = check_camera_names(camera_names)
         positive = (("action_horizon", action_horizon), ("action_dim", action_dim), ("max_new_tokens", max_new_tokens))
         for name, value in positive:
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
+            if value is not None:
+                positive_int(value, name)
         self.family_options = {
             # a local folder travels in the model key as an absolute path (a server's working folder differs)
             "fast_tokenizer": None if fast_tokenizer is None else (
@@ -205,20 +191,11 @@ class PI0Fast(VLA):
         else:
             self.folder = resolve_folder(source, revision, patterns=("*.json", "*.safetensors", "tokenizer*", "*.model",
                                                                     f"{FAST_FOLDER}/*"))
-            model_type = read_json(self.folder, "config.json").get("model_type")
-            if model_type != "paligemma":
-                raise CheckpointError(
-                    f"{self.folder} holds a {model_type!r} model; pi0-fast loads a PaliGemma checkpoint "
-                    "(model_type 'paligemma') plus its fast_tokenizer/ folder"
-                )
-            try:
-                self.config = PaliGemmaConfig.from_pretrained(str(self.folder))
-            except Exception as error:  # noqa: BLE001
-                raise CheckpointError(f"{self.folder} is not a PaliGemma checkpoint: {error}") from error
-            try:
-                self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
-            except Exception as error:  # noqa: BLE001
-                raise CheckpointError(f"could not load the tokenizer from {self.folder}: {error}") from error
+            self.config = read_config(
+                self.folder, PaliGemmaConfig, "paligemma",
+                "pi0-fast loads a PaliGemma checkpoint (model_type 'paligemma') plus its fast_tokenizer/ folder",
+            )
+            self.tokenizer = load_tokenizer(self.folder)
             if (self.folder / "preprocessor_config.json").is_file():
                 image = read_json(self.folder, "preprocessor_config.json")
                 drop = ("image_processor_type", "processor_class", "backend")
@@ -278,22 +255,9 @@ class PI0Fast(VLA):
                 f"fewer than action_dim={self.action_dim}"
             )
 
-    def _build(self, source, *, revision, dtype, device, tiny, meta) -> nn.Module:
-        self.config._attn_implementation = "sdpa"
-        if meta:
-            return PaliGemmaForConditionalGeneration(self.config)
-        if tiny is not None:
-            torch.manual_seed(int(tiny.get("seed", 0)))
-            model = PaliGemmaForConditionalGeneration(self.config)
-            model.generation_config = self.generation_config
-            return model.to(dtype=resolve_dtype(dtype) or torch.float32, device=device or "cpu")
-        try:
-            model = PaliGemmaForConditionalGeneration.from_pretrained(
-                str(self.folder), dtype=resolve_dtype(dtype) or torch.float32, attn_implementation="sdpa"
-            )
-        except (OSError, ValueError, RuntimeError) as error:
-            raise CheckpointError(f"could not load the PaliGemma weights from {self.folder}: {error}") from error
-        return realign_storage(model.to(device or "cpu"))
+    def _init_tiny(self, module: nn.Module) -> nn.Module:
+        module.generation_config = self.generation_config
+        return module
 
     def save_pretrained(self, folder) -> None:
         """Write the pi0-FAST folder: PaliGemma's ``save_pretrained`` (config, safetensors, generation config),
@@ -308,11 +272,6 @@ class PI0Fast(VLA):
         self.action_tokenizer.save_pretrained(folder / FAST_FOLDER)
         if self.norm_stats is not None:
             write_json_atomic(folder / NORM_STATS, {"norm_stats": self.norm_stats})
-
-    def _remoteable_model_key(self) -> str:
-        data = json.loads(super()._remoteable_model_key())
-        data.update({k: v for k, v in self.family_options.items() if v is not None})
-        return json.dumps(data, sort_keys=True)
 
     # -- the uniform surface -------------------------------------------------------------------------------
 
@@ -365,8 +324,6 @@ class PI0Fast(VLA):
         TL runs causal attention unless told otherwise: ``bridge(ids)`` equals PaliGemma's forward with
         ``token_type_ids=1`` everywhere; pass ``token_type_ids=zeros`` for PaliGemma's bidirectional prompt prefix.
         """
-        from .paligemma_lens import paligemma_bridge
-
         self.stack(stack)
         self.dispatch()
         return paligemma_bridge(self._module, self.tokenizer)
@@ -374,10 +331,7 @@ class PI0Fast(VLA):
     # -- inference -----------------------------------------------------------------------------------------
 
     def _budget(self, max_new_tokens: int | None) -> int:
-        value = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        return int(value)
+        return positive_int(self.max_new_tokens if max_new_tokens is None else max_new_tokens, "max_new_tokens")
 
     def normalize_state(self, state: Any) -> np.ndarray:
         """Validate the state and map it to [-1, 1] with openpi's quantile normalisation (if the checkpoint has
@@ -537,16 +491,11 @@ class PI0Fast(VLA):
         Returns:
             float64 array (horizon, action_dim). ``vla.last_decode`` holds the tokens and whether they decoded.
         """
-        if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, (int, np.integer))
-                                    or not 1 <= horizon <= self.action_horizon):
-            raise InputError(
-                f"pi0-fast decodes chunks of {self.action_horizon} actions; horizon must be 1..{self.action_horizon}, "
-                f"got {horizon!r}"
-            )
+        horizon = self._horizon(horizon)
         tokens = self.generate_tokens(images, instruction, state, max_new_tokens, stop_at_eos)
         decoded = self.extract_actions(tokens, strict=strict)
         self.last_decode = decoded
-        actions = decoded.actions[: horizon or self.action_horizon]
+        actions = decoded.actions[:horizon]
         return self.unnormalize(actions) if unnormalize else actions
 
     def _scan_call(self):

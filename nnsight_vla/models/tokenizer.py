@@ -48,7 +48,9 @@ def build_llama_style_tokenizer(
 
     n_language = vocab_size - n_action_tokens
     if n_language < 128:
-        raise ValueError(f"vocab_size {vocab_size} leaves only {n_language} language tokens; use at least {n_action_tokens + 128}")
+        raise ValueError(
+            f"vocab_size {vocab_size} leaves only {n_language} language tokens; use at least {n_action_tokens + 128}"
+        )
     tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
@@ -67,7 +69,9 @@ def build_llama_style_tokenizer(
         tok.add_tokens(filler)
     tok.add_tokens([action_token_name(b) for b in reversed(range(n_action_tokens))])
     tok.add_special_tokens(["<PAD>"])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
     assert tok.get_vocab_size() == vocab_size + 1, tok.get_vocab_size()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<PAD>"
