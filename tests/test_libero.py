@@ -25,8 +25,15 @@ import pytest
 pytest.importorskip("libero.libero", reason="LIBERO is not installed (pip install 'nnsight-vla[sim]')")
 
 from nnsight_vla.envs import libero as L  # noqa: E402
-from nnsight_vla.envs.conditions import Condition, SpeedSteering, baseline, prompt_baseline  # noqa: E402
-from nnsight_vla.envs.episodes import ConfigMismatchError, ResultsError, ResultsStore, compare_conditions  # noqa: E402
+from nnsight_vla.envs.libero.observations import resize_with_pad  # noqa: E402
+from nnsight_vla.errors import ConfigMismatchError, InputError, LiberoError, ResultsError  # noqa: E402
+from nnsight_vla.rollout import executors  # noqa: E402
+from nnsight_vla.rollout.conditions import Condition, SpeedSteering, baseline, prompt_baseline  # noqa: E402
+from nnsight_vla.rollout.policy import PolicySpec, policy_surface  # noqa: E402
+from nnsight_vla.rollout.records import EpisodeKey  # noqa: E402
+from nnsight_vla.rollout.stats import compare_conditions  # noqa: E402
+from nnsight_vla.rollout.store import ResultsStore  # noqa: E402
+from nnsight_vla.rollout.sweep import run_sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(suite="libero_10", tasks=(0,), camera_size=64, offsamples=0, hard_reset=False, settle_steps=15)
@@ -40,6 +47,18 @@ def scripted(family="openvla", **kw) -> L.ScriptedPolicy:
     return L.ScriptedPolicy(family, **{"image_size": 32, "period": 10, **kw})
 
 
+def sweep(policy, conditions, config, results, *, workers=0, backend="process", policy_server=False,
+          progress=False, **kwargs):
+    """The LIBERO environment of ``config`` through the one sweep loop, with the executor the arguments name."""
+    if workers == 0:
+        executor = executors.Inline()
+    elif backend == "ray":
+        executor = executors.Ray(workers)
+    else:
+        executor = executors.Processes(workers, policy_server=policy_server)
+    return run_sweep(L.LiberoEnv(config), policy, conditions, results, executor=executor, progress=progress, **kwargs)
+
+
 def fast() -> Condition:
     return Condition("fast@a2/all", steering=SpeedSteering(2.0), concept="fast", alpha=2.0, layers="all")
 
@@ -48,7 +67,7 @@ def fast() -> Condition:
 def env():
     """The shared environment (also what run_sweep reuses in this process)."""
     policy = scripted()
-    recipe = L.resolve_recipe(small_config(), L._policy_surface(policy))
+    recipe = L.resolve_recipe(small_config(), policy_surface(policy))
     t0 = time.perf_counter()
     task = L.task_env(small_config(), recipe, 0)
     print(f"\nLIBERO env creation: {time.perf_counter() - t0:.1f} s")
@@ -77,7 +96,7 @@ def replay(task: L.LiberoTask, trial: int, seed: int, settle: int, actions) -> t
 def test_episode_metrics_match_an_independent_replay(env):
     cfg = small_config(max_steps=25)
     policy = scripted()
-    recipe = L.resolve_recipe(cfg, L._policy_surface(policy))
+    recipe = L.resolve_recipe(cfg, policy_surface(policy))
     t0 = time.perf_counter()
     ep = L.run_episode(env, policy, recipe, baseline(), trial=1, config=cfg)
     elapsed = time.perf_counter() - t0
@@ -112,7 +131,7 @@ def test_episode_metrics_match_an_independent_replay(env):
 def test_pi0_family_gets_both_cameras_and_the_state_and_runs_chunks(env):
     cfg = small_config(max_steps=12)
     policy = L.ScriptedPolicy("pi0", image_size=40, horizon=5, target=(0.0, 0.0, 1.1))
-    recipe = L.resolve_recipe(cfg, L._policy_surface(policy))
+    recipe = L.resolve_recipe(cfg, policy_surface(policy))
     assert recipe.libero_cameras == ("agentview", "robot0_eye_in_hand") and recipe.open_loop_steps == 5
     task = L.task_env(cfg, recipe, 0)  # another camera set: a new environment (then back for later tests)
     ep = L.run_episode(task, policy, recipe, baseline(), trial=0, config=cfg)
@@ -153,7 +172,7 @@ def test_image_preparation_recipes():
     pad = L.ResolvedRecipe("pi0", (("base", "agentview"),), 8, 7, 5, (48, 48), False, 1.0, "pad", "identity", 5)
     np.testing.assert_array_equal(L.prepare_image(img, pad), img[::-1, ::-1])
     wide = rng.integers(0, 256, (20, 40, 3), dtype=np.uint8)
-    out = L.resize_with_pad(wide, 40, 40)
+    out = resize_with_pad(wide, 40, 40)
     assert out.shape == (40, 40, 3) and out[:10].max() == 0 and out[30:].max() == 0 and out[10:30].max() > 0
     full = L.ResolvedRecipe("openvla", (("primary", "agentview"),), None, 7, 1, (24, 24), True, 0.9, "lanczos",
                             "openvla", 1)
@@ -171,7 +190,7 @@ def test_image_preparation_recipes():
     np.testing.assert_array_equal(L.map_action([0.1, 0, 0, 0, 0, 0, 0.9], "openvla")[-1], -1.0)
     np.testing.assert_array_equal(L.map_action([0.1, 0, 0, 0, 0, 0, 0.2], "openvla")[-1], 1.0)
     np.testing.assert_array_equal(L.map_action([0.1, 0, 0, 0, 0, 0, 0.3, 9.0], "identity"), [0.1, 0, 0, 0, 0, 0, 0.3])
-    with pytest.raises(L.LiberoError, match="non-finite"):
+    with pytest.raises(LiberoError, match="non-finite"):
         L.map_action([np.nan, 0, 0, 0, 0, 0, 1], "openvla")
 
 
@@ -179,7 +198,7 @@ def test_sweep_steering_statistics_plots_and_resume(env, tmp_path):
     from nnsight_vla import plots
 
     cfg = small_config(trials=2, max_steps=20)
-    report = L.run_sweep(scripted(), [baseline(), fast()], cfg, tmp_path / "r", progress=False)
+    report = sweep(scripted(), [baseline(), fast()], cfg, tmp_path / "r", progress=False)
     assert report.completed == 4 and report.skipped == 0 and not report.failed
     print(f"\nsweep: {report}")
     store = ResultsStore.open(tmp_path / "r")
@@ -193,11 +212,11 @@ def test_sweep_steering_statistics_plots_and_resume(env, tmp_path):
     assert len(files) >= 5 and all(f.stat().st_size > 5000 for f in files)
     # resume: nothing runs twice, nothing is rewritten
     mtimes = {p.name: p.stat().st_mtime_ns for p in store.episodes_dir.iterdir()}
-    again = L.run_sweep(scripted(), [baseline(), fast()], cfg, tmp_path / "r", progress=False)
+    again = sweep(scripted(), [baseline(), fast()], cfg, tmp_path / "r", progress=False)
     assert again.completed == 0 and again.skipped == 4
     assert {p.name: p.stat().st_mtime_ns for p in store.episodes_dir.iterdir()} == mtimes
     # extending the sweep (one more trial) runs only the new episodes
-    more = L.run_sweep(scripted(), [baseline(), fast()], small_config(trials=3, max_steps=20), tmp_path / "r",
+    more = sweep(scripted(), [baseline(), fast()], small_config(trials=3, max_steps=20), tmp_path / "r",
                        progress=False)
     assert more.completed == 2 and more.skipped == 4
 
@@ -205,10 +224,9 @@ def test_sweep_steering_statistics_plots_and_resume(env, tmp_path):
 DRIVER = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-    from nnsight_vla.envs import libero as L
-    from test_libero import scripted, fast, small_config
-    from nnsight_vla.envs.conditions import baseline
-    L.run_sweep(scripted(), [baseline(), fast()], small_config(trials=3, max_steps=25), {results!r}, progress=False)
+    from test_libero import scripted, fast, small_config, sweep
+    from nnsight_vla.rollout.conditions import baseline
+    sweep(scripted(), [baseline(), fast()], small_config(trials=3, max_steps=25), {results!r}, progress=False)
 """)
 
 
@@ -233,14 +251,14 @@ def test_resume_after_the_driver_is_killed(env, tmp_path):
     # leftovers of a write in progress: a Parquet without its JSON and a temp file
     store = ResultsStore.open(results)
     done = sorted(before)[0].removesuffix(".json")
-    torn = L.EpisodeKey("baseline", 0, 2).id
+    torn = EpisodeKey("baseline", 0, 2).id
     assert f"{torn}.json" not in before
     (results / "episodes" / f"{torn}.parquet").write_bytes(b"PAR1 torn")
     (results / "episodes" / f".{done}.json.12345.tmp").write_text("{")
-    report = L.run_sweep(scripted(), [baseline(), fast()], small_config(trials=3, max_steps=25), results,
+    report = sweep(scripted(), [baseline(), fast()], small_config(trials=3, max_steps=25), results,
                          progress=False)
     ids = sorted(p.stem for p in (results / "episodes").glob("*.json"))
-    expected = sorted(L.EpisodeKey(c, 0, t).id for c in ("baseline", "fast@a2/all") for t in range(3))
+    expected = sorted(EpisodeKey(c, 0, t).id for c in ("baseline", "fast@a2/all") for t in range(3))
     assert ids == expected  # nothing lost
     assert report.skipped == len(before) and report.completed == 6 - len(before)  # nothing run twice
     assert {n: (results / "episodes" / n).stat().st_mtime_ns for n in before} == before
@@ -258,14 +276,14 @@ def test_worker_killed_mid_sweep_is_replaced(tmp_path):
             killed["done"] = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "r" / "episodes").glob("*.json")}
             os.kill(episode.meta["pid"], signal.SIGKILL)
 
-    spec = L.PolicySpec.scripted("openvla", image_size=32, period=10)
+    spec = L.scripted_spec("openvla", image_size=32, period=10)
     conds = [baseline(), fast()]
-    report = L.run_sweep(spec, conds, small_config(trials=2, max_steps=15), tmp_path / "r", workers=1,
+    report = sweep(spec, conds, small_config(trials=2, max_steps=15), tmp_path / "r", workers=1,
                          progress=False, on_episode=kill_first_worker)
     print(f"\nprocess pool with a killed worker: {report}")
     assert report.worker_restarts == 1 and not report.failed
     ids = sorted(p.stem for p in (tmp_path / "r" / "episodes").glob("*.json"))
-    assert ids == sorted(L.EpisodeKey(c.name, 0, t).id for c in conds for t in range(2))
+    assert ids == sorted(EpisodeKey(c.name, 0, t).id for c in conds for t in range(2))
     assert report.completed == 4
     after = {n: (tmp_path / "r" / "episodes" / n).stat().st_mtime_ns for n in killed["done"]}
     assert after == killed["done"]
@@ -284,7 +302,7 @@ def one_torch_thread():
 
 def test_tiny_openvla_in_libero(env, tiny_openvla, one_torch_thread, tmp_path):
     cfg = small_config(max_steps=30)
-    report = L.run_sweep(tiny_openvla, [baseline(), prompt_baseline("fast")], cfg, tmp_path / "r", progress=False)
+    report = sweep(tiny_openvla, [baseline(), prompt_baseline("fast")], cfg, tmp_path / "r", progress=False)
     assert report.completed == 2, report
     store = ResultsStore.open(tmp_path / "r")
     recipe = store.config["recipe"]
@@ -308,15 +326,15 @@ def test_tiny_openvla_in_libero(env, tiny_openvla, one_torch_thread, tmp_path):
 
 
 def test_unknown_suite_and_task(tmp_path):
-    with pytest.raises(L.LiberoError, match="unknown LIBERO suite 'libero_11'.*libero_spatial"):
-        L.run_sweep(scripted(), [baseline()], small_config(suite="libero_11"), tmp_path / "r", progress=False)
-    with pytest.raises(L.LiberoError, match=r"task id\(s\) \[10\] out of range.*0\.\.9"):
-        L.run_sweep(scripted(), [baseline()], small_config(tasks=(10,)), tmp_path / "r", progress=False)
-    with pytest.raises(L.LiberoError, match="no standard max steps"):
+    with pytest.raises(LiberoError, match="unknown LIBERO suite 'libero_11'.*libero_spatial"):
+        sweep(scripted(), [baseline()], small_config(suite="libero_11"), tmp_path / "r", progress=False)
+    with pytest.raises(LiberoError, match=r"task id\(s\) \[10\] out of range.*0\.\.9"):
+        sweep(scripted(), [baseline()], small_config(tasks=(10,)), tmp_path / "r", progress=False)
+    with pytest.raises(LiberoError, match="no standard max steps"):
         L.LiberoConfig(suite="libero_100").resolved_max_steps()
-    with pytest.raises(L.LiberoError, match="camera_size"):
+    with pytest.raises(LiberoError, match="camera_size"):
         L.LiberoConfig(camera_size=3)
-    with pytest.raises(L.LiberoError, match="cannot read task range"):
+    with pytest.raises(LiberoError, match="cannot read task range"):
         L.parse_task_range("a-b")
     assert L.parse_task_range("0-2,5") == (0, 1, 2, 5) and L.parse_task_range("all") is None
     assert not (tmp_path / "r").exists()  # nothing was created for a bad request
@@ -325,37 +343,37 @@ def test_unknown_suite_and_task(tmp_path):
 def test_family_inputs_the_env_cannot_provide(tmp_path):
     p = scripted()
     p.camera_names = ("depth",)
-    with pytest.raises(L.LiberoError, match="wants camera 'depth', which LIBERO cannot provide"):
-        L.run_sweep(p, [baseline()], small_config(), tmp_path / "r", progress=False)
+    with pytest.raises(LiberoError, match="wants camera 'depth', which LIBERO cannot provide"):
+        sweep(p, [baseline()], small_config(), tmp_path / "r", progress=False)
     small_state = L.ScriptedPolicy("pi0")
     small_state.state_dim = 4
-    with pytest.raises(L.LiberoError, match="4-d state, but LIBERO's state is 8-d"):
-        L.run_sweep(small_state, [baseline()], small_config(), tmp_path / "r", progress=False)
+    with pytest.raises(LiberoError, match="4-d state, but LIBERO's state is 8-d"):
+        sweep(small_state, [baseline()], small_config(), tmp_path / "r", progress=False)
     odd = L.ScriptedPolicy("openvla")
     odd.family = "rt-2"
-    with pytest.raises(L.LiberoError, match="no LIBERO recipe for model family 'rt-2'"):
-        L.run_sweep(odd, [baseline()], small_config(), tmp_path / "r", progress=False)
-    with pytest.raises(L.LiberoError, match="not a VLA policy"):
-        L.run_sweep(object(), [baseline()], small_config(), tmp_path / "r", progress=False)
+    with pytest.raises(LiberoError, match="no LIBERO recipe for model family 'rt-2'"):
+        sweep(odd, [baseline()], small_config(), tmp_path / "r", progress=False)
+    with pytest.raises(InputError, match="not a VLA policy"):
+        sweep(object(), [baseline()], small_config(), tmp_path / "r", progress=False)
     unpicklable = scripted()
     unpicklable.hook = lambda: None
-    with pytest.raises(L.LiberoError, match="cannot be sent to worker processes.*PolicySpec"):
-        L.run_sweep(unpicklable, [baseline()], small_config(), tmp_path / "w", workers=1, progress=False)
+    with pytest.raises(InputError, match="cannot be sent to worker processes.*PolicySpec"):
+        sweep(unpicklable, [baseline()], small_config(), tmp_path / "w", workers=1, progress=False)
 
 
 def test_bad_results_folder_and_config_mismatch(env, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ResultsError, match="cannot write to results folder"):
-        L.run_sweep(scripted(), [baseline()], small_config(), blocker / "r", progress=False)
-    L.run_sweep(scripted(), [baseline()], small_config(max_steps=3), tmp_path / "r", progress=False)
+        sweep(scripted(), [baseline()], small_config(), blocker / "r", progress=False)
+    sweep(scripted(), [baseline()], small_config(max_steps=3), tmp_path / "r", progress=False)
     with pytest.raises(ConfigMismatchError) as err:
-        L.run_sweep(scripted(), [baseline()], small_config(max_steps=3, camera_size=128, settle_steps=20),
+        sweep(scripted(), [baseline()], small_config(max_steps=3, camera_size=128, settle_steps=20),
                     tmp_path / "r", progress=False)
     assert "camera_size: 64 in the folder, 128 now" in str(err.value)
     assert "settle_steps: 15 in the folder, 20 now" in str(err.value)
     with pytest.raises(ConfigMismatchError, match="policy.velocity"):
-        L.run_sweep(scripted(velocity=(0.1, 0, 0)), [baseline()], small_config(max_steps=3), tmp_path / "r",
+        sweep(scripted(velocity=(0.1, 0, 0)), [baseline()], small_config(max_steps=3), tmp_path / "r",
                     progress=False)
     assert len(ResultsStore.open(tmp_path / "r").records()) == 1  # the refused runs wrote nothing
 
@@ -368,7 +386,7 @@ def test_cli_functions(env, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "success rate" in text and "prompt:fast" in text and "pct_change" in text
     assert out["figures"] and all(Path(f).stat().st_size > 0 for f in out["figures"])
-    with pytest.raises(L.LiberoError, match="choose exactly one policy"):
+    with pytest.raises(LiberoError, match="choose exactly one policy"):
         L.run_cli(tmp_path / "x", tiny=True, scripted=True)
 
 
@@ -379,7 +397,7 @@ def test_cli_functions(env, tmp_path, capsys):
 def test_full_episode_standard_recipe(tmp_path):
     """A full libero_10 episode (520 steps) with the standard recipe: 256 px cameras, hard reset."""
     cfg = L.LiberoConfig(suite="libero_10", tasks=(0,), trials=1)
-    report = L.run_sweep(scripted(period=40), [baseline()], cfg, tmp_path / "r", progress=False)
+    report = sweep(scripted(period=40), [baseline()], cfg, tmp_path / "r", progress=False)
     print(f"\nfull episode: {report}")
     (record,) = ResultsStore.open(tmp_path / "r").records()
     assert record["summary"]["steps"] == 520 and record["summary"]["success"] is False
@@ -387,9 +405,9 @@ def test_full_episode_standard_recipe(tmp_path):
 
 @pytest.mark.slow
 def test_full_sweep_with_tiny_openvla_process_pool(tmp_path):
-    spec = L.PolicySpec("tiny", "openvla", seed=0)
+    spec = PolicySpec("tiny", "openvla", seed=0)
     cfg = small_config(tasks=(0, 1), trials=2, max_steps=60)
-    report = L.run_sweep(spec, [baseline(), prompt_baseline("fast")], cfg, tmp_path / "r", workers=2,
+    report = sweep(spec, [baseline(), prompt_baseline("fast")], cfg, tmp_path / "r", workers=2,
                          progress=False)
     print(f"\ntiny OpenVLA, 2 workers: {report}")
     assert report.completed == 8 and not report.failed
@@ -403,7 +421,7 @@ def test_soft_reset_equals_hard_reset(tmp_path):
         for trial in (0, 1, 0):
             cfg = small_config(max_steps=40, hard_reset=hard)
             policy = scripted()
-            recipe = L.resolve_recipe(cfg, L._policy_surface(policy))
+            recipe = L.resolve_recipe(cfg, policy_surface(policy))
             ep = L.run_episode(L.task_env(cfg, recipe, 0), policy, recipe, baseline(), trial=trial, config=cfg)
             runs.setdefault(trial, []).append(np.column_stack([ep.columns[c] for c in ("eef_x", "eef_y", "eef_z")]))
     for trial, trajectories in runs.items():
@@ -416,9 +434,9 @@ def test_soft_reset_equals_hard_reset(tmp_path):
 def test_ray_backend_matches_in_process(tmp_path):
     pytest.importorskip("ray")
     cfg = small_config(trials=2, max_steps=15)
-    spec = L.PolicySpec.scripted("openvla", image_size=32, period=10)
-    L.run_sweep(spec, [baseline(), fast()], cfg, tmp_path / "local", progress=False)
-    report = L.run_sweep(spec, [baseline(), fast()], cfg, tmp_path / "ray", workers=2, backend="ray",
+    spec = L.scripted_spec("openvla", image_size=32, period=10)
+    sweep(spec, [baseline(), fast()], cfg, tmp_path / "local", progress=False)
+    report = sweep(spec, [baseline(), fast()], cfg, tmp_path / "ray", workers=2, backend="ray",
                          progress=False)
     print(f"\nray: {report}")
     a = {r["episode_id"]: r["summary"]["total_disp"] for r in ResultsStore.open(tmp_path / "local").records()}
@@ -431,9 +449,9 @@ def test_ray_backend_matches_in_process(tmp_path):
 @pytest.mark.slow
 def test_policy_server_matches_in_process(tmp_path):
     cfg = small_config(trials=2, max_steps=15)
-    spec = L.PolicySpec.scripted("openvla", image_size=32, period=0)  # stateless: shareable by workers
-    L.run_sweep(spec, [baseline(), fast()], cfg, tmp_path / "local", progress=False)
-    report = L.run_sweep(spec, [baseline(), fast()], cfg, tmp_path / "srv", workers=2, policy_server=True,
+    spec = L.scripted_spec("openvla", image_size=32, period=0)  # stateless: shareable by workers
+    sweep(spec, [baseline(), fast()], cfg, tmp_path / "local", progress=False)
+    report = sweep(spec, [baseline(), fast()], cfg, tmp_path / "srv", workers=2, policy_server=True,
                          progress=False)
     print(f"\npolicy server: {report}")
     a = {r["episode_id"]: r["summary"]["total_disp"] for r in ResultsStore.open(tmp_path / "local").records()}
@@ -445,7 +463,7 @@ def test_policy_server_matches_in_process(tmp_path):
 
 @pytest.mark.slow
 def test_video_frames_are_saved(env, tmp_path):
-    report = L.run_sweep(scripted(), [baseline()], small_config(max_steps=10, video=True), tmp_path / "r",
+    report = sweep(scripted(), [baseline()], small_config(max_steps=10, video=True), tmp_path / "r",
                          progress=False)
     assert report.completed == 1
     (record,) = ResultsStore.open(tmp_path / "r").records()
@@ -457,13 +475,13 @@ def test_video_frames_are_saved(env, tmp_path):
 
 def test_predict_kwargs_reach_every_policy_call_and_define_the_episode():
     """LiberoConfig.predict_kwargs are passed to predict_action and are part of the recipe (episode identity)."""
-    from nnsight_vla.envs.libero import LiberoConfig, LiberoError
+    from nnsight_vla.envs.libero import LiberoConfig
 
     cfg = LiberoConfig(predict_kwargs={"restrict_to_action_tokens": True})
     assert cfg.predict_kwargs == (("restrict_to_action_tokens", True),)
-    recipe = L.resolve_recipe(cfg, L._policy_surface(scripted()))
+    recipe = L.resolve_recipe(cfg, policy_surface(scripted()))
     assert ("restrict_to_action_tokens", True) in recipe.predict_kwargs
-    plain = L.resolve_recipe(LiberoConfig(), L._policy_surface(scripted()))
-    assert L.identity_config(cfg, recipe, {}) != L.identity_config(LiberoConfig(), plain, {})
+    plain = L.resolve_recipe(LiberoConfig(), policy_surface(scripted()))
+    assert L.identity_config(cfg, recipe) != L.identity_config(LiberoConfig(), plain)
     with pytest.raises(LiberoError, match="unnorm_key"):
         LiberoConfig(predict_kwargs={"unnorm_key": "libero_10"})
