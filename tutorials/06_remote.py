@@ -18,7 +18,7 @@
 # stricter server simulation — and, in the slow part, against a real NDIF stack started on this machine.
 #
 # **Needs:** the core install. The real-server part additionally needs the server environment (a separate venv with
-# ndif 0.1.2 and Ray, and Redis; `python -m nnsight_vla.ndif_stack install` creates them, a few minutes online) and
+# ndif 0.1.2 and Ray, and Redis; `python -m nnsight_vla.remote.stack install` creates them, a few minutes online) and
 # runs only when `NNSIGHT_VLA_TUTORIAL_SLOW=1` is set (the test suite does so under `pytest -m slow`).
 # **Time:** default path ≈ 10 s on 2 CPU cores (measured 5–9 s); with the real server about 1–3 min more (measured
 # 61 s in all: the stack started in 32 s, the first request, which deploys the model, took 7 s, a warm one 0.1 s).
@@ -170,15 +170,15 @@ print(settings.describe(), repr(settings.api_key))
 # %% [markdown]
 # ## A real NDIF server on this machine (slow part)
 #
-# `nnsight_vla.ndif_stack` starts the whole stack on 127.0.0.1 — Redis, an S3 stand-in (moto), Ray with the NDIF
+# `nnsight_vla.remote.stack` starts the whole stack on 127.0.0.1 — Redis, an S3 stand-in (moto), Ray with the NDIF
 # controller and CPU model actors, ndif's API under gunicorn — in its own venv, and stops exactly what it started.
 # From a shell:
 #
 # ```bash
-# python -m nnsight_vla.ndif_stack install      # once: Redis + the server venv (/work/venvs/ndif)
-# NVLA_NDIF_PORT_BASE=18700 python -m nnsight_vla.ndif_stack up       # prints the API URL when ready
+# python -m nnsight_vla.remote.stack install      # once: Redis + the server venv (/work/venvs/ndif)
+# NVLA_NDIF_PORT_BASE=18700 python -m nnsight_vla.remote.stack up       # prints the API URL when ready
 # NNSIGHT_VLA_HOST=http://127.0.0.1:18701 nnsight-vla remote check   # a steered remote trace == local
-# NVLA_NDIF_PORT_BASE=18700 python -m nnsight_vla.ndif_stack down
+# NVLA_NDIF_PORT_BASE=18700 python -m nnsight_vla.remote.stack down
 # ```
 #
 # The same from Python, run only with `NNSIGHT_VLA_TUTORIAL_SLOW=1`:
@@ -187,7 +187,7 @@ print(settings.describe(), repr(settings.api_key))
 if SLOW:
     from nnsight import CONFIG
 
-    from nnsight_vla import ndif_stack
+    from nnsight_vla.remote import stack as ndif_stack
 
     os.environ.setdefault("NVLA_NDIF_HOME", "/tmp/nvla-ndif-tutorial")
     os.environ.setdefault("NVLA_NDIF_PORT_BASE", "18700")  # away from the defaults and the test suite's stack
