@@ -1,33 +1,11 @@
-"""FAST action tokenizer (Pertsch et al. 2025), the action codec of π0-FAST.
+"""FAST action tokenizer (Pertsch et al. 2025), the action codec of pi0-FAST: DCT + BPE, both directions.
 
-An action chunk ``(time_horizon, action_dim)``, already normalised to about [-1, 1], becomes tokens in
-five steps, and back in the reverse order:
-
-1. DCT-II along time, per action dimension (``scipy.fft.dct(..., axis=0, norm="ortho")``);
-2. multiply by ``scale`` (default 10) and round to integers;
-3. flatten **frequency-major** (C order of the ``(T, D)`` coefficient matrix: coefficient 0 of every
-   dimension, then coefficient 1 of every dimension, ...). This is the published layout
-   (``elem.flatten()`` in ``physical-intelligence/fast``); it puts the mostly-zero high frequencies at the
-   end, where BPE merges them into few tokens, and it makes a truncated sequence lose the highest
-   frequencies first;
-4. subtract ``min_token`` so every value is >= 0 and map each integer ``v`` to the character ``chr(v)``;
-5. byte-pair encode that string with a ``tokenizers`` BPE model -> FAST token ids.
-
-Files (read and written): a folder with ``processor_config.json`` (``scale``, ``vocab_size``,
-``min_token``, ``action_dim``, ``time_horizon``, ``processor_class``) next to the BPE tokenizer's
-``tokenizer.json`` (+ ``tokenizer_config.json``), the layout of the published
-``physical-intelligence/fast`` folder. No Python code from a checkpoint folder is ever executed.
-
-π0-FAST emits FAST tokens through the PaliGemma vocabulary: ``vlm_id = V - 1 - 128 - fast_id`` with
-``V`` the PaliGemma tokenizer's vocabulary size (257152), i.e. FAST tokens occupy the end of the
-vocabulary, skipping its last 128 (special) ids. See :func:`fast_to_vlm_ids`.
-
-Invalid sequences (a real model sometimes emits them): :meth:`FastActionTokenizer.decode` never raises
-from numpy. By default it returns **zeros of the expected shape** (what openpi / the published processor
-do), logs a warning, and reports it: :meth:`~FastActionTokenizer.decode_with_info` returns a
-:class:`DecodeResult` whose ``valid`` is False and ``error`` says why; ``strict=True`` raises
-:class:`FastDecodeError` instead. Zeros are zeros in *normalised* action space: after un-normalisation
-they are the centre of the normalisation range, which is "no motion" only for centred delta actions.
+:class:`FastActionTokenizer` trains, encodes, decodes, saves and loads the published ``physical-intelligence/fast``
+layout (``processor_config.json`` + the BPE's ``tokenizer.json``; no checkpoint code is ever run). The numeric steps
+and the PaliGemma id mapping live in :mod:`.fast_codec`. A sequence that does not decode gives zeros of the expected
+shape (what openpi does) with a logged warning; :meth:`~FastActionTokenizer.decode_with_info` says why, and
+``strict=True`` raises :class:`FastDecodeError`. Zeros are zeros in normalised space: after un-normalisation they
+are the centre of the range, "no motion" only for centred delta actions.
 """
 
 from __future__ import annotations
@@ -40,12 +18,20 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from scipy.fft import dct, idct
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .. import files
-from ..errors import CheckpointError, InputError, VLAError
-from ..errors import FastDecodeError, FastEncodeError  # noqa: F401 (re-exported)
+from ..errors import CheckpointError, FastDecodeError, FastEncodeError
+from .fast_codec import (
+    PALIGEMMA_SKIP_TOKENS,
+    PALIGEMMA_VOCAB_SIZE,
+    action_token_ids,
+    chunk_to_coefficients,
+    coefficients_to_chunk,
+    fast_to_vlm_ids,
+    is_torch,
+    vlm_to_fast_ids,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,137 +49,12 @@ __all__ = [
     "vlm_to_fast_ids",
 ]
 
-PALIGEMMA_VOCAB_SIZE = 257152  # the PaliGemma sentencepiece vocabulary (not the padded embedding size)
-PALIGEMMA_SKIP_TOKENS = 128  # last ids of that vocabulary are special tokens; FAST tokens sit just below
-
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 _CONFIG_CANDIDATES = (PROCESSOR_CONFIG_NAME, "preprocessor_config.json")
 # Older transformers saved a processor's tokenizer flat; newer ones may put it in a sub-folder named
 # after the processor attribute ("bpe_tokenizer" in the published processor).
 _TOKENIZER_DIR_CANDIDATES = (".", "bpe_tokenizer", "tokenizer")
 _MAX_CHAR = 0xD7FF  # chr() above this hits the surrogate range, which tokenizers (Rust) cannot hold
-
-
-# --------------------------------------------------------------------------------------------------
-# the numeric steps (public so tests and users can check them independently)
-# --------------------------------------------------------------------------------------------------
-
-
-def chunk_to_coefficients(chunk: np.ndarray, scale: float) -> np.ndarray:
-    """Quantised DCT coefficients of one chunk: ``round(dct_ortho(chunk, axis=0) * scale)``, int64 ``(T, D)``.
-
-    Rounding is numpy's half-to-even (``np.rint``), as in the published processor.
-    """
-    coeffs = dct(np.asarray(chunk, dtype=np.float64), type=2, axis=0, norm="ortho")
-    return np.rint(coeffs * scale).astype(np.int64)
-
-
-def coefficients_to_chunk(coefficients: np.ndarray, scale: float) -> np.ndarray:
-    """Inverse of :func:`chunk_to_coefficients` up to rounding: ``idct_ortho(coefficients / scale, axis=0)``."""
-    return idct(np.asarray(coefficients, dtype=np.float64) / scale, type=2, axis=0, norm="ortho")
-
-
-# --------------------------------------------------------------------------------------------------
-# PaliGemma vocabulary mapping
-# --------------------------------------------------------------------------------------------------
-
-
-def _is_torch(x: Any) -> bool:
-    return type(x).__module__.split(".")[0] == "torch"
-
-
-def _int_ids(ids: Any, what: str) -> tuple[Any, np.ndarray]:
-    """Return (object to compute with, int64 numpy view for checks); keeps torch tensors as tensors."""
-    if isinstance(ids, (bool, np.bool_)):
-        raise TypeError(f"{what} must be integer token ids, got a bool")
-    if _is_torch(ids):
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or str(ids.dtype) == "torch.bool":
-            raise TypeError(f"{what} must be integer token ids, got a tensor of dtype {ids.dtype}")
-        return ids, ids.detach().cpu().numpy().astype(np.int64)
-    arr = np.asarray(ids)
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"{what} must be integer token ids, got dtype {arr.dtype}")
-    arr = arr.astype(np.int64)
-    return (int(arr) if arr.ndim == 0 else arr), arr
-
-
-def action_token_ids(
-    vlm_vocab_size: int = PALIGEMMA_VOCAB_SIZE,
-    fast_vocab_size: int = 2048,
-    *,
-    skip_tokens: int = PALIGEMMA_SKIP_TOKENS,
-) -> range:
-    """The VLM ids that carry FAST tokens, ascending: ``range(V - skip - n, V - skip)``.
-
-    FAST id 0 is the *last* id of this range (``V - 1 - skip``), FAST id ``n - 1`` the first.
-    ``vlm_vocab_size`` is the text tokenizer's vocabulary size (257152 for PaliGemma), not the
-    (possibly padded) embedding size.
-    """
-    vlm_vocab_size, fast_vocab_size, skip_tokens = int(vlm_vocab_size), int(fast_vocab_size), int(skip_tokens)
-    if fast_vocab_size <= 0 or skip_tokens < 0:
-        raise ValueError(f"need fast_vocab_size > 0 and skip_tokens >= 0, got {fast_vocab_size}, {skip_tokens}")
-    start = vlm_vocab_size - skip_tokens - fast_vocab_size
-    if start < 0:
-        raise ValueError(
-            f"a VLM vocabulary of {vlm_vocab_size} ids cannot hold {fast_vocab_size} FAST tokens "
-            f"below its last {skip_tokens} special ids"
-        )
-    return range(start, vlm_vocab_size - skip_tokens)
-
-
-def fast_to_vlm_ids(
-    fast_ids: Any,
-    vlm_vocab_size: int = PALIGEMMA_VOCAB_SIZE,
-    *,
-    fast_vocab_size: int | None = None,
-    skip_tokens: int = PALIGEMMA_SKIP_TOKENS,
-) -> Any:
-    """Map FAST ids to VLM ids: ``vlm_vocab_size - 1 - skip_tokens - fast_id`` (openpi's convention).
-
-    Accepts an int (returns an int), a sequence / numpy array (returns int64 numpy) or a torch tensor
-    (returns a tensor). Raises ``ValueError`` for ids outside ``[0, fast_vocab_size)`` (or, when
-    ``fast_vocab_size`` is None, ids that would leave the VLM vocabulary).
-    """
-    obj, arr = _int_ids(fast_ids, "fast_ids")
-    upper = fast_vocab_size if fast_vocab_size is not None else vlm_vocab_size - skip_tokens
-    bad = arr[(arr < 0) | (arr >= upper)]
-    if bad.size:
-        raise ValueError(
-            f"FAST ids must lie in [0, {upper}); got {sorted(set(bad.ravel().tolist()))[:10]}"
-        )
-    return vlm_vocab_size - 1 - skip_tokens - obj
-
-
-def vlm_to_fast_ids(
-    vlm_ids: Any,
-    vlm_vocab_size: int = PALIGEMMA_VOCAB_SIZE,
-    *,
-    fast_vocab_size: int | None = None,
-    skip_tokens: int = PALIGEMMA_SKIP_TOKENS,
-    check: bool = True,
-) -> Any:
-    """Inverse of :func:`fast_to_vlm_ids` (the same formula: the map is an involution).
-
-    With ``check=True`` (default) ids outside :func:`action_token_ids` raise ``ValueError``; with
-    ``check=False`` the raw arithmetic is returned (out-of-range results then make
-    :meth:`FastActionTokenizer.decode` report an invalid sequence instead of raising).
-    """
-    obj, arr = _int_ids(vlm_ids, "vlm_ids")
-    if check:
-        n = fast_vocab_size if fast_vocab_size is not None else vlm_vocab_size - skip_tokens
-        valid = action_token_ids(vlm_vocab_size, n, skip_tokens=skip_tokens)
-        bad = arr[(arr < valid.start) | (arr >= valid.stop)]
-        if bad.size:
-            raise ValueError(
-                f"VLM ids {sorted(set(bad.ravel().tolist()))[:10]} are not FAST action tokens; "
-                f"action tokens are [{valid.start}, {valid.stop}) for a {vlm_vocab_size}-id vocabulary"
-            )
-    return vlm_vocab_size - 1 - skip_tokens - obj
-
-
-# --------------------------------------------------------------------------------------------------
-# the tokenizer
-# --------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -298,7 +159,7 @@ class FastActionTokenizer:
     def _chunk_to_string(self, chunk: Any, on_out_of_range: str) -> str:
         if on_out_of_range not in ("clip", "raise"):
             raise ValueError(f"on_out_of_range must be 'clip' or 'raise', got {on_out_of_range!r}")
-        if _is_torch(chunk):
+        if is_torch(chunk):
             chunk = chunk.detach().cpu().numpy()
         try:
             arr = np.asarray(chunk, dtype=np.float64)
@@ -318,8 +179,8 @@ class FastActionTokenizer:
         if not np.isfinite(arr).all():
             bad = np.argwhere(~np.isfinite(arr))
             raise FastEncodeError(
-                f"action chunk has {len(bad)} non-finite value(s) (NaN/inf), first at (t, d)={tuple(int(i) for i in bad[0])}; "
-                "FAST needs finite, normalised actions"
+                f"action chunk has {len(bad)} non-finite value(s) (NaN/inf), first at (t, d)="
+                f"{tuple(int(i) for i in bad[0])}; FAST needs finite, normalised actions"
             )
         shifted = chunk_to_coefficients(arr, self.scale).ravel() - self.min_token  # frequency-major
         alphabet = self._alphabet()
@@ -362,7 +223,7 @@ class FastActionTokenizer:
 
     def encode_batch(self, chunks: Any, *, on_out_of_range: str = "clip") -> list[list[int]]:
         """:meth:`encode` for a ``(batch, T, D)`` array or a sequence of ``(T_i, D)`` chunks."""
-        if _is_torch(chunks):
+        if is_torch(chunks):
             chunks = chunks.detach().cpu().numpy()
         if isinstance(chunks, np.ndarray) and chunks.ndim != 3:
             raise FastEncodeError(
@@ -394,13 +255,8 @@ class FastActionTokenizer:
         return t, d
 
     def decode_with_info(
-        self,
-        token_ids: Any,
-        time_horizon: int | None = None,
-        action_dim: int | None = None,
-        *,
-        strict: bool = False,
-        relaxed: bool = False,
+        self, token_ids: Any, time_horizon: int | None = None, action_dim: int | None = None, *,
+        strict: bool = False, relaxed: bool = False,
     ) -> DecodeResult:
         """Decode one FAST sequence and say whether it was valid (see :class:`DecodeResult`).
 
@@ -413,7 +269,7 @@ class FastActionTokenizer:
         """
         t, d = self._resolve_shape(time_horizon, action_dim)
         expected = t * d
-        if _is_torch(token_ids):
+        if is_torch(token_ids):
             token_ids = token_ids.detach().cpu().numpy()
         arr = np.asarray(token_ids)
         if arr.ndim != 1:
@@ -467,13 +323,8 @@ class FastActionTokenizer:
         return DecodeResult(actions, True, None, n, expected, repaired)
 
     def decode(
-        self,
-        token_ids: Any,
-        time_horizon: int | None = None,
-        action_dim: int | None = None,
-        *,
-        strict: bool = False,
-        relaxed: bool = False,
+        self, token_ids: Any, time_horizon: int | None = None, action_dim: int | None = None, *,
+        strict: bool = False, relaxed: bool = False,
     ) -> np.ndarray:
         """Actions ``(time_horizon, action_dim)`` (float64) of one FAST sequence; zeros if it is invalid.
 
@@ -483,25 +334,15 @@ class FastActionTokenizer:
         return self.decode_with_info(token_ids, time_horizon, action_dim, strict=strict, relaxed=relaxed).actions
 
     def decode_batch_with_info(
-        self,
-        sequences: Iterable[Any],
-        time_horizon: int | None = None,
-        action_dim: int | None = None,
-        *,
-        strict: bool = False,
-        relaxed: bool = False,
+        self, sequences: Iterable[Any], time_horizon: int | None = None, action_dim: int | None = None, *,
+        strict: bool = False, relaxed: bool = False,
     ) -> list[DecodeResult]:
         """:meth:`decode_with_info` for each sequence (sequences may have different lengths)."""
         return [self.decode_with_info(s, time_horizon, action_dim, strict=strict, relaxed=relaxed) for s in sequences]
 
     def decode_batch(
-        self,
-        sequences: Iterable[Any],
-        time_horizon: int | None = None,
-        action_dim: int | None = None,
-        *,
-        strict: bool = False,
-        relaxed: bool = False,
+        self, sequences: Iterable[Any], time_horizon: int | None = None, action_dim: int | None = None, *,
+        strict: bool = False, relaxed: bool = False,
     ) -> np.ndarray:
         """Actions ``(batch, time_horizon, action_dim)``; invalid sequences give zero chunks (logged)."""
         t, d = self._resolve_shape(time_horizon, action_dim)
@@ -553,7 +394,7 @@ class FastActionTokenizer:
         decoder), with all 256 bytes in the base vocabulary so no value is unrepresentable.
         Training is deterministic for the same data and settings.
         """
-        if _is_torch(action_chunks):
+        if is_torch(action_chunks):
             action_chunks = action_chunks.detach().cpu().numpy()
         if isinstance(action_chunks, np.ndarray) and action_chunks.ndim == 2:
             raise FastEncodeError("train() wants many chunks: (N, T, D) or a list of (T, D) arrays, got one 2-D array")
@@ -562,7 +403,9 @@ class FastActionTokenizer:
             raise FastEncodeError("train() needs at least one action chunk")
         for i, c in enumerate(chunks):
             if c.ndim != 2 or 0 in c.shape:
-                raise FastEncodeError(f"chunk {i} must be a non-empty (time_horizon, action_dim) array, got shape {c.shape}")
+                raise FastEncodeError(
+                    f"chunk {i} must be a non-empty (time_horizon, action_dim) array, got shape {c.shape}"
+                )
             if not np.isfinite(c).all():
                 raise FastEncodeError(f"chunk {i} has NaN/inf values; FAST needs finite, normalised actions")
         dims = {c.shape[1] for c in chunks}
@@ -592,7 +435,8 @@ class FastActionTokenizer:
             raise ValueError(f"coefficient range {alphabet_size} is too wide to map onto characters; lower scale")
         if vocab_size - alphabet_size < min(100, vocab_size // 4):
             logger.warning(
-                "the coefficient alphabet (%d values) leaves few BPE merges in vocab_size=%d; consider a larger vocab_size",
+                "the coefficient alphabet (%d values) leaves few BPE merges in vocab_size=%d; "
+                "consider a larger vocab_size",
                 alphabet_size, vocab_size,
             )
         strings = ["".join(map(chr, (c - lo).tolist())) for c in coeffs]
@@ -614,7 +458,9 @@ class FastActionTokenizer:
             max_token_length=max_token_length,
         )
         tok.train_from_iterator(strings, trainer=trainer, length=len(strings))
-        return cls(tok, scale=scale, vocab_size=vocab_size, min_token=lo, action_dim=action_dim, time_horizon=time_horizon)
+        return cls(
+            tok, scale=scale, vocab_size=vocab_size, min_token=lo, action_dim=action_dim, time_horizon=time_horizon
+        )
 
     # ------------------------------------------------------------------ files
 
@@ -656,7 +502,7 @@ class FastActionTokenizer:
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
     ) -> "FastActionTokenizer":
-        """Load a FAST tokenizer folder (published layout) or a Hugging Face hub id (e.g. ``physical-intelligence/fast``).
+        """Load a FAST tokenizer folder (published layout) or a hub id (e.g. ``physical-intelligence/fast``).
 
         Reads ``processor_config.json`` (or ``preprocessor_config.json``) for ``scale``, ``min_token``,
         ``vocab_size``, ``action_dim``, ``time_horizon`` and the BPE from ``tokenizer.json`` (at the top or
@@ -664,7 +510,9 @@ class FastActionTokenizer:
         (JSON files only; the repository's Python is never run); offline this raises
         :class:`~nnsight_vla.errors.CheckpointError`. ``time_horizon`` / ``action_dim`` override the config.
         """
-        folder = _resolve_folder(path_or_repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+        folder = _resolve_folder(
+            path_or_repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+        )
         config_path = next((folder / n for n in _CONFIG_CANDIDATES if (folder / n).is_file()), None)
         if config_path is None:
             raise CheckpointError(
@@ -681,10 +529,8 @@ class FastActionTokenizer:
         missing = [k for k in ("min_token", "scale") if config.get(k) is None]
         if missing:
             raise CheckpointError(f"{config_path} lacks {missing}; a FAST processor config needs scale and min_token")
-        tok_path = next(
-            (folder / sub / "tokenizer.json" for sub in _TOKENIZER_DIR_CANDIDATES if (folder / sub / "tokenizer.json").is_file()),
-            None,
-        )
+        candidates = (folder / sub / "tokenizer.json" for sub in _TOKENIZER_DIR_CANDIDATES)
+        tok_path = next((path for path in candidates if path.is_file()), None)
         if tok_path is None:
             raise CheckpointError(
                 f"{folder} has no tokenizer.json (looked in {', '.join(_TOKENIZER_DIR_CANDIDATES)}); "
