@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
+from huggingface_hub import snapshot_download, split_torch_state_dict_into_shards
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedModel
 
 from .. import files
 from ..errors import CheckpointError
@@ -116,8 +119,6 @@ class SafetensorsCheckpoint:
     """Read access to a (possibly sharded) safetensors checkpoint folder, tensor by tensor (memory-mapped)."""
 
     def __init__(self, folder: str | os.PathLike):
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         index = self.folder / SAFE_INDEX
         if index.is_file():
@@ -174,8 +175,6 @@ def resolve_folder(source: str | os.PathLike, revision: str | None = None, patte
         raise CheckpointError(f"{source} is a file; pass the checkpoint folder that holds config.json and the weights")
     if str(source).startswith((".", "/", "~")) or os.sep in str(source) and str(source).count("/") > 1:
         raise CheckpointError(f"checkpoint folder {source} does not exist")
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(repo_id=str(source), revision=revision, allow_patterns=list(patterns) or None))
     except Exception as error:  # noqa: BLE001 - every hub failure becomes one actionable message
@@ -223,9 +222,6 @@ def write_json_atomic(path: Path, data) -> None:
 
 def save_safetensors(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB") -> None:
     """Save a state dict as (possibly sharded) safetensors with an HF-style index, like ``save_pretrained``."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
@@ -308,8 +304,6 @@ def materialize_rest(model: nn.Module, device: torch.device | str | None = None)
     """After loading: give every tensor still on meta (non-persistent buffers, parameters the checkpoint does not
     carry) real storage, then let transformers' own initialisers fill them (RoPE frequencies, position ids,
     zero-initialised tokens)."""
-    from transformers import PreTrainedModel
-
     for name, param in list(model.named_parameters()):
         if param.is_meta:
             owner_name, _, attr = name.rpartition(".")

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+from huggingface_hub import snapshot_download
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from .. import files
 from ..errors import CheckpointError, FastDecodeError, FastEncodeError
@@ -554,8 +556,6 @@ class FastActionTokenizer:
 
     def as_hf_tokenizer(self):
         """The BPE as a transformers ``PreTrainedTokenizerFast`` (shares this tokenizer's backend)."""
-        from transformers import PreTrainedTokenizerFast
-
         return PreTrainedTokenizerFast(tokenizer_object=self.tokenizer, clean_up_tokenization_spaces=False)
 
 
@@ -591,8 +591,6 @@ def _resolve_folder(
     if not looks_like_repo:
         raise CheckpointError(f"{name!r} is neither an existing folder nor a hub id of the form 'owner/name'")
     try:
-        from huggingface_hub import snapshot_download
-
         return Path(
             snapshot_download(
                 name,

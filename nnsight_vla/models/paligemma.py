@@ -16,6 +16,7 @@ import string
 from typing import Iterable
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 from transformers.image_processing_backends import PilBackend
@@ -63,8 +64,6 @@ def build_paligemma_style_tokenizer(
     ending at id ``vocab_size - 1``; ``<image>`` is id ``vocab_size``. Encoding adds no special tokens (prompts
     put ``<bos>`` in explicitly, as openpi and transformers' PI0 processor do).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     n_language = vocab_size - n_loc - n_seg
     if n_language < 128:
         raise ValueError(

@@ -1,16 +1,11 @@
 """TransformerLens views of the PaliGemma backbone of pi0 and pi0-FAST.
 
-TransformerLens 4.3 has adapters for Gemma 1/2/3 but none for PaliGemma. PaliGemma's language model is a Gemma 1
-(RMSNorm with a ``1 + w`` offset, embeddings scaled by sqrt(d_model) inside the embedding module, gated GELU-tanh
-MLP, rotary attention, ``lm_head`` tied to the embedding), nested under ``model.language_model``. So the adapter is
-TL's own Gemma 1 adapter with its component paths moved under that prefix (the pattern TL uses for Idefics3 /
-Emu3), plus the SigLIP tower and the projector as vision components. It is registered out of tree with
-``ArchitectureAdapterFactory.register_adapter`` under ``PaliGemmaForConditionalGeneration``.
-
-pi0's backbone is a bare ``PaliGemmaModel`` (no head): :func:`pi0_backbone_bridge` builds a
-``PaliGemmaForConditionalGeneration`` skeleton whose ``model`` *is* pi0's tensors and whose ``lm_head`` is the
-tied embedding, then bridges that. As in :mod:`.transformer_lens`, the bridge wraps a shared-weight clone, so the
-nnsight tree is untouched and no weights are copied.
+TransformerLens has no PaliGemma adapter, but PaliGemma's language model is a Gemma 1 nested under
+``model.language_model``: the adapter here is TL's own Gemma 1 adapter with its paths moved under that prefix (as
+TL does for Idefics3 / Emu3) plus the SigLIP tower and projector, registered out of tree. pi0's backbone has no
+head, so :func:`pi0_backbone_bridge` wraps it in a ``PaliGemmaForConditionalGeneration`` skeleton that shares
+its tensors and ties ``lm_head`` to the embedding. Bridges wrap shared-weight clones: no copies, nnsight's tree
+stays untouched.
 """
 
 from __future__ import annotations
@@ -20,6 +15,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PaliGemmaForConditionalGeneration
+
+from .transformer_lens import bridge_tokenizer, shared_weight_clone
 
 ARCHITECTURE = "PaliGemmaForConditionalGeneration"
 
@@ -67,8 +65,6 @@ def register_paligemma_adapter() -> type:
 def _bridge(clone: nn.Module, tokenizer):
     from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
 
-    from .transformer_lens import bridge_tokenizer
-
     register_paligemma_adapter()
     tok, folder = bridge_tokenizer(tokenizer)
     bridge = build_bridge_from_module(clone, ARCHITECTURE, hf_config=clone.config, tokenizer=tok)
@@ -78,18 +74,12 @@ def _bridge(clone: nn.Module, tokenizer):
 
 def paligemma_bridge(model: nn.Module, tokenizer=None):
     """A ``TransformerBridge`` over a shared-weight clone of a ``PaliGemmaForConditionalGeneration``."""
-    from transformers import PaliGemmaForConditionalGeneration
-
-    from .transformer_lens import shared_weight_clone
-
     return _bridge(shared_weight_clone(model, PaliGemmaForConditionalGeneration), tokenizer)
 
 
 def pi0_backbone_bridge(pi0: nn.Module, tokenizer=None):
     """A ``TransformerBridge`` over pi0's PaliGemma backbone, as a ``PaliGemmaForConditionalGeneration`` that shares
     pi0's ``model.vlm`` tensors and whose ``lm_head`` is the tied input embedding."""
-    from transformers import PaliGemmaForConditionalGeneration
-
     vlm = pi0.model.vlm
     config = copy.deepcopy(vlm.config)
     config.tie_word_embeddings = True

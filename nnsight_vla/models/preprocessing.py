@@ -11,14 +11,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..errors import InputError
 
 
 def as_uint8_image(image: Any, where: str = "image") -> np.ndarray:
     """Validate one camera image: an HxWx3 uint8 array (or a PIL image). Returns the array."""
-    from PIL import Image
-
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, torch.Tensor):
@@ -49,8 +48,6 @@ def letterbox_geometry(cur_height: int, cur_width: int, height: int, width: int)
 def resize_with_pad(images: np.ndarray, height: int, width: int, method: Any = None) -> np.ndarray:
     """Letterbox uint8 image(s) ``[..., H, W, C]`` into ``height`` x ``width``: aspect kept, bilinear by default
     (``method``: a PIL resampling filter), black bars, the image centred. Already the right size: returned as is."""
-    from PIL import Image
-
     images = np.asarray(images)
     if images.shape[-3:-1] == (height, width):
         return images

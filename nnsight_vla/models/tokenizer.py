@@ -11,6 +11,7 @@ from __future__ import annotations
 import string
 from typing import Iterable
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 # A built-in corpus for tiny random models: robot instructions plus the concept words the paper steers with.
@@ -44,8 +45,6 @@ def build_llama_style_tokenizer(
     ``vocab_size - 1 - b`` is bin ``b``, as in OpenVLA); ``<PAD>`` is id ``vocab_size``. Encoding prepends
     ``<s>``. The standalone "▁" token exists (OpenVLA appends it to every prompt).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     n_language = vocab_size - n_action_tokens
     if n_language < 128:
         raise ValueError(

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 
 def shared_weight_clone(module: nn.Module, build: Callable[[object], nn.Module]) -> nn.Module:
@@ -29,8 +30,6 @@ def shared_weight_clone(module: nn.Module, build: Callable[[object], nn.Module])
 
 def bridge_tokenizer(tokenizer):
     """TransformerLens re-loads the tokenizer from its ``name_or_path``: give an in-memory one a folder."""
-    from transformers import AutoTokenizer
-
     if tokenizer is None or tokenizer.init_kwargs.get("name_or_path"):
         return tokenizer, None
     folder = tempfile.TemporaryDirectory(prefix="nnsight_vla_tok_")
@@ -51,6 +50,4 @@ def build_bridge(module: nn.Module, architecture: str, build: Callable[[object],
 
 def llama_bridge(language_model: nn.Module, tokenizer=None):
     """The TransformerLens bridge of a ``LlamaForCausalLM`` (OpenVLA's backbone)."""
-    from transformers import LlamaForCausalLM
-
     return build_bridge(language_model, "LlamaForCausalLM", LlamaForCausalLM, tokenizer)

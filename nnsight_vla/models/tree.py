@@ -1,14 +1,10 @@
 """The uniform module tree: every gated MLP of every family exposes ``mlp.act``.
 
-A gated MLP computes ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``. The paper reads column i of
-``down_proj.weight`` as a *value vector* and ``f(x)_i = (act_fn(gate_proj(x)) * up_proj(x))_i`` as its
-activation. transformers computes f(x) inline, so no module outputs it. We insert a parameter-free
-identity module ``act`` and route f(x) through it, which makes ``mlp.act.output`` the activation vector
-(TransformerLens calls the same tensor ``blocks.{i}.mlp.hook_post``).
-
-The swap happens on the bare torch module *before* nnsight wraps it (patching ``forward`` after wrapping
-breaks nnsight's hooks), by giving each MLP instance a subclass of its own class whose forward calls
-``act``. Parameter names are unchanged (``act`` has none), so checkpoints load as before.
+A gated MLP computes ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``; the paper reads column i of
+``down_proj.weight`` as a value vector and ``f(x)_i`` (the input of ``down_proj``) as its activation.
+transformers computes f(x) inline, so a parameter-free identity ``act`` is inserted and f(x) routed through it:
+``mlp.act.output`` is the activation (TransformerLens's ``hook_post``). The swap gives each MLP instance a
+subclass whose forward calls ``act``, on the bare module before nnsight wraps it; parameter names are unchanged.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 from transformers import Dinov2WithRegistersConfig, PreTrainedConfig
 
 from ...errors import CheckpointError, InputError
@@ -55,8 +56,6 @@ class PrismaticImageTransform:
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         """An HxWx3 uint8 image -> (3 * n_featurizers, H', W') float32 pixel values."""
-        from PIL import Image
-
         pil = Image.fromarray(as_uint8_image(image))
         if self.letterbox:
             w, h = pil.size
