@@ -32,8 +32,7 @@ from __future__ import annotations
 import difflib
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -44,7 +43,7 @@ from .neurons import NeuronSet, layer_subset, random_like
 
 __all__ = [
     "NeuronSet", "OPPOSITES", "SYNONYMS", "find_concept", "find_opposites", "random_control", "concept_tokens",
-    "vector_embeddings", "concepts_cli",
+    "vector_embeddings",
 ]
 
 #: default synonym lists for keyword mode (the concepts the paper steers with); extend per call with synonyms=
@@ -449,60 +448,3 @@ def random_control(reference: NeuronSet, seed: int = 0, exclude: Sequence[Sequen
     """A random control set matched to ``reference``: the same number of neurons in each layer, none of them in
     ``reference`` or ``exclude`` (e.g. the opposite concept's set)."""
     return random_like(reference, seed=seed, exclude=[tuple(p) for p in exclude])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# CLI (mounted by nnsight_vla.cli as `nnsight-vla concepts ...`)
-
-
-def concepts_cli(
-    family: str = "openvla",
-    source: Optional[str] = None,
-    word: str = "fast",
-    method: str = "knn",
-    size: int = 20,
-    k_neighbors: int = 20,
-    layers: str = "all",
-    synonyms: Optional[List[str]] = None,
-    opposite: Optional[str] = None,
-    control: bool = False,
-    seed: int = 0,
-    k: int = 10,
-    out: Optional[str] = None,
-    device: Optional[str] = None,
-    cache_dir: Optional[str] = None,
-    progress: bool = True,
-) -> List[str]:
-    """Find the neurons of a concept word (and optionally its opposite and a random control) and save them.
-
-    Without ``source`` a tiny random model of ``family`` is used (``seed``). ``out`` is a .json/.yaml path for
-    the concept's NeuronSet (default ``<word>.json``); the opposite goes to ``<stem>_<opposite><suffix>`` and the
-    random control to ``<stem>_random<suffix>``. ``layers`` is "all", "early", "late", "first:K", "last:K" or
-    comma-separated layer indices. Returns the written paths.
-    """
-    from .lens import _model
-
-    layer_spec: Any = layers
-    if isinstance(layers, str) and layers and all(part.strip().lstrip("-").isdigit() for part in layers.split(",")):
-        layer_spec = [int(part) for part in layers.split(",")]
-    vla = _model(family, source, seed, device)
-    lens = ValueVectorLens(vla, k=k, device=device, cache_dir=cache_dir, progress=progress)
-    kwargs = dict(size=size, method=method, k_neighbors=k_neighbors, layers=layer_spec)
-    if opposite:
-        first, second = find_opposites(lens, (word, opposite), synonyms=(synonyms or None, None), **kwargs)
-        sets = [first, second]
-    else:
-        sets = [find_concept(lens, word, synonyms=synonyms or None, **kwargs)]
-    if control:
-        sets.append(random_control(sets[0], seed=seed, exclude=[p for s in sets[1:] for p in s.pairs]))
-    path = Path(out or f"{word}.json")
-    names = [path] + [path.with_name(f"{path.stem}_{suffix}{path.suffix}")
-                      for suffix in ([opposite] if opposite else []) + (["random"] if control else [])]
-    written = []
-    for neuron_set, target in zip(sets, names):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        written.append(str(neuron_set.save(target)))
-        print(f"{neuron_set!r} -> {target}")
-        for info in neuron_set.meta.get("scores", [])[:10]:
-            print(f"  L{info['layer']:>3} N{info['neuron']:>6}: {', '.join(map(repr, info['tokens'][:6]))}")
-    return written

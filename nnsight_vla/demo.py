@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import files
+from .errors import InputError
 
 CONCEPTS = ("fast", "slow")
 #: the paper's UR5 value; at its other value (4) the shipped model's binned actions barely move (README: results)
@@ -27,6 +28,20 @@ DEMO_ALPHA = 10.0
 
 def _stage(message: str, t0: float) -> None:
     print(f"[{time.perf_counter() - t0:6.1f}s] {message}", flush=True)
+
+
+MARKER = ".nnsight-vla-demo"
+
+
+def check_output_folder(out: str | os.PathLike) -> Path:
+    """The demo writes into a new or empty folder, or one a previous demo wrote (it resumes there); never into
+    someone else's files."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} is a file; choose a folder for the demo's results")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise InputError(f"{out} is not empty and was not written by the demo; choose a new or empty folder")
+    return out
 
 
 def run_demo(
@@ -54,19 +69,22 @@ def run_demo(
     import nnsight_vla as nv
 
     from .concepts import find_opposites, random_control
-    from .envs.conditions import baseline, prompt_baseline, steered
-    from .envs.episodes import ResultsStore
+    from .envs.arm_scene import ArmRolloutConfig, ArmSceneEnv
+    from .rollout.conditions import baseline, prompt_baseline, steered
+    from .rollout.store import ResultsStore
+    from .rollout.sweep import run_sweep
     from .lens import ValueVectorLens
-    from .lens_plots import plot_action_share, plot_token_table
-    from .plots import plot_all
+    from .reports.lens_plots import plot_action_share, plot_token_table
+    from .reports.plots import plot_all
     from .steering import Steering
     from .training import shipped_path
     from .training.experiment import ExperimentConfig, episode_table, markdown_table, plot_key_effects, summary_rows
-    from .training.rollouts import RolloutConfig, run_conditions
+    from .training.corpus import TASK_BASES
 
     t0 = time.perf_counter()
-    out = Path(out)
+    out = check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("results of `nnsight-vla demo`\n")
     defaults = ExperimentConfig()
     alpha = DEMO_ALPHA if alpha is None else float(alpha)
     model_path = str(Path(model or shipped_path("finetuned")).resolve())
@@ -100,13 +118,13 @@ def run_demo(
                               name=f"random[fast]@a{alpha:g}/all"))
     conditions.append(prompt_baseline("fast"))
 
-    rollout = RolloutConfig(model=model_path, max_steps=max_steps, seed=1000 + seed,
-                            image_size=int(vla.image_processor.image_size[0]))
-    store = ResultsStore.create(out / "episodes", rollout.to_dict(), [c.to_dict() for c in conditions],
-                                kind="arm_scene", run_info={"trials": trials, "demo": True})
+    rollout = ArmRolloutConfig(instructions=TASK_BASES, trials=trials, max_steps=max_steps, seed=1000 + seed,
+                               image_size=int(vla.image_processor.image_size[0]))
     _stage(f"rollouts: {len(conditions)} conditions x {trials} episodes x {max_steps} steps "
            f"(neutral instructions; scene seeds {rollout.seed}..{rollout.seed + trials - 1})", t0)
-    run_conditions(store, conditions, trials, rollout, workers=1, progress=progress, vla=vla)
+    run_sweep(ArmSceneEnv(rollout), vla, conditions, out / "episodes", progress=progress,
+              run_info={"demo": True})
+    store = ResultsStore.open(out / "episodes")
 
     rows = summary_rows(episode_table(store), conditions)
     frame = pd.DataFrame(rows)

@@ -34,7 +34,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -714,11 +714,6 @@ class CheckpointDiff:
         return {name: write_table(getattr(self, name), folder / f"{name}.{fmt}", meta={**self.meta, "table": name})
                 for name in ("vectors", "layers", "tokens")}
 
-    def plot(self, out: str | os.PathLike | None = None):
-        from .lens_plots import plot_checkpoint_diff
-
-        return plot_checkpoint_diff(self, out)
-
 
 def checkpoint_diff(base: ValueVectorLens, tuned: ValueVectorLens, chunk_size: int = 1024) -> CheckpointDiff:
     """Compare two lenses of the same architecture (e.g. a base VLM/VLA and its robot fine-tune).
@@ -821,90 +816,3 @@ def _weight_changes(base: ValueVectorLens, tuned: ValueVectorLens, chunk_size: i
 
 # ---------------------------------------------------------------------------------------------------------------
 # CLI (mounted by nnsight_vla.cli as `nnsight-vla lens ...` and `nnsight-vla lens-diff ...`)
-
-
-def _model(family: str, source: Optional[str], seed: int = 0, device: Optional[str] = None):
-    import nnsight_vla as nv
-
-    if source:
-        return nv.load(family, source, device=device, dispatch=True)
-    return nv.tiny(family, seed=seed, device=device)
-
-
-def lens_cli(
-    family: str = "openvla",
-    source: Optional[str] = None,
-    layer: Optional[int] = None,
-    neuron: Optional[int] = None,
-    k: int = 10,
-    show: int = 10,
-    out: Optional[str] = None,
-    share_out: Optional[str] = None,
-    plot: Optional[str] = None,
-    device: Optional[str] = None,
-    cache_dir: Optional[str] = None,
-    seed: int = 0,
-    progress: bool = True,
-) -> None:
-    """Project every value vector of a model onto its vocabulary and print / save top-token tables.
-
-    Without ``source`` a tiny random model of ``family`` is used (``seed``). Prints the top tokens of ``show``
-    vectors of ``layer`` (or of every layer's first vectors) and the per-layer action-token share; ``out``
-    writes the full top-token table (.parquet/.csv/.json), ``share_out`` the action-share table, ``plot`` the
-    action-share figure (.png).
-    """
-    vla = _model(family, source, seed, device)
-    lens = ValueVectorLens(vla, k=k, device=device, cache_dir=cache_dir, progress=progress)
-    print(lens)
-    if layer is not None or neuron is not None:
-        table = lens.top_tokens(layer, neuron)
-    else:
-        table = lens.top_tokens(lens.num_layers - 1)
-    shown = table[table.neuron.isin(sorted(table.neuron.unique())[:show])]
-    for (l, n), group in shown.groupby(["layer", "neuron"]):
-        tokens = ", ".join(f"{t!r}{'*' if a else ''}" for t, a in zip(group.token, group.is_action))
-        print(f"L{l:>3} N{n:>6}: {tokens}")
-    if lens.has_action_tokens:
-        share = lens.action_token_share()
-        print("action-token share of top-k tokens per layer (* = action token above):")
-        print(share[["layer", "share", "vectors_with_action"]].to_string(index=False))
-        if share_out:
-            print("wrote", lens.export(share_out, "action_share"))
-        if plot:
-            from .lens_plots import plot_action_share
-
-            print("wrote", plot_action_share(lens, plot))
-    else:
-        print(lens.action_note)
-    if out:
-        print("wrote", lens.export(out, "top_tokens"))
-
-
-def diff_cli(
-    family: str = "openvla",
-    base: Optional[str] = None,
-    tuned: Optional[str] = None,
-    k: int = 10,
-    out: Optional[str] = None,
-    plot: Optional[str] = None,
-    show: int = 10,
-    device: Optional[str] = None,
-    cache_dir: Optional[str] = None,
-    progress: bool = True,
-) -> None:
-    """Diff the value-vector projections of two checkpoints of one architecture (base vs fine-tuned).
-
-    ``out`` is a folder for vectors/layers/tokens tables (Parquet); ``plot`` a .png of the per-layer diff.
-    """
-    if not base or not tuned:
-        raise InputError("lens-diff needs two checkpoints: --base FOLDER --tuned FOLDER")
-    lenses = [ValueVectorLens(_model(family, source, device=device), k=k, device=device, cache_dir=cache_dir,
-                              progress=progress) for source in (base, tuned)]
-    diff = checkpoint_diff(*lenses)
-    print(diff.layers.to_string(index=False))
-    print(diff.top_vectors(show).to_string(index=False))
-    if out:
-        for path in diff.export(out).values():
-            print("wrote", path)
-    if plot:
-        print("wrote", diff.plot(plot))

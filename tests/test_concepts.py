@@ -233,25 +233,6 @@ def test_neuron_sets_round_trip(planted, tmp_path, suffix):
     assert NeuronSet.load(tmp_path / "authors.yaml").pairs == found.pairs
 
 
-def test_concepts_cli(tmp_path):
-    import typer
-    from typer.testing import CliRunner
-
-    from nnsight_vla.concepts import concepts_cli
-
-    app = typer.Typer()
-    app.callback()(lambda: None)  # a command group, as in nnsight_vla.cli
-    app.command("concepts")(concepts_cli)
-    out = tmp_path / "sets" / "up.yaml"
-    result = CliRunner().invoke(app, ["concepts", "--word", "up", "--opposite", "down", "--method", "keyword",
-                                      "--size", "3", "--layers", "2,3", "--control", "--out", str(out),
-                                      "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
-    assert result.exit_code == 0, result.output
-    sets = [NeuronSet.load(out.with_name(name)) for name in ("up.yaml", "up_down.yaml", "up_random.yaml")]
-    assert [len(s) for s in sets] == [3, 3, 3] and all(set(s.layers) <= {2, 3} for s in sets)
-    assert not set(sets[0].pairs) & set(sets[1].pairs)
-
-
 # -- words and bad input -------------------------------------------------------------------------------------
 
 

@@ -39,7 +39,7 @@ def test_name_based_writers(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nnsight_vla.plots import _save
+    from nnsight_vla.reports.figures import save_figure as _save
 
     fig = plt.figure()
     try:

@@ -288,7 +288,9 @@ def test_checkpoint_diff_finds_planted_fine_tuning(tiny_openvla, tmp_path):
     assert sorted(zip(top.layer, top.neuron)) == [(3, n) for n in changed]
     written = diff.export(tmp_path / "diff")
     assert all(p.exists() for p in written.values())
-    png = diff.plot(tmp_path / "diff.png")
+    from nnsight_vla.reports.lens_plots import plot_checkpoint_diff
+
+    png = plot_checkpoint_diff(diff, tmp_path / "diff.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -303,32 +305,13 @@ def test_checkpoint_diff_refuses_other_architectures(lens):
 
 
 def test_plots(lens, tmp_path):
-    from nnsight_vla.lens_plots import plot_action_share, plot_token_table
+    from nnsight_vla.reports.lens_plots import plot_action_share, plot_token_table
 
     for path in (plot_action_share(lens, tmp_path / "share.png"),
                  plot_token_table(lens.top_tokens(3, list(range(8))), tmp_path / "table.png")):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
     table = lens.export(tmp_path / "share.parquet", table="action_share")
     assert plot_action_share(table).axes  # a Figure when out is None
-
-
-def test_cli_functions_mount_on_typer(tmp_path):
-    import typer
-    from typer.testing import CliRunner
-
-    from nnsight_vla.lens import diff_cli, lens_cli
-
-    app = typer.Typer()
-    app.command("lens")(lens_cli)
-    app.command("lens-diff")(diff_cli)
-    out = tmp_path / "top.parquet"
-    result = CliRunner().invoke(app, ["lens", "--layer", "1", "--show", "2", "--out", str(out), "--plot",
-                                      str(tmp_path / "share.png"), "--cache-dir", str(tmp_path / "c"), "--no-progress"])
-    assert result.exit_code == 0, result.output
-    assert "L  1 N     0:" in result.output and "action-token share" in result.output
-    assert out.exists() and (tmp_path / "share.png").exists()
-    result = CliRunner().invoke(app, ["lens-diff", "--no-progress"])
-    assert result.exit_code != 0 and "two checkpoints" in str(result.exception)
 
 
 # -- other families ------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import pytest
 pytest.importorskip("libero.libero", reason="LIBERO is not installed (pip install 'nnsight-vla[sim]')")
 
 from nnsight_vla.envs import libero as L  # noqa: E402
-from nnsight_vla.envs.libero.observations import resize_with_pad  # noqa: E402
+from nnsight_vla.models.preprocessing import resize_with_pad  # noqa: E402
 from nnsight_vla.errors import ConfigMismatchError, InputError, LiberoError, ResultsError  # noqa: E402
 from nnsight_vla.rollout import executors  # noqa: E402
 from nnsight_vla.rollout.conditions import Condition, SpeedSteering, baseline, prompt_baseline  # noqa: E402
@@ -195,7 +195,7 @@ def test_image_preparation_recipes():
 
 
 def test_sweep_steering_statistics_plots_and_resume(env, tmp_path):
-    from nnsight_vla import plots
+    from nnsight_vla.reports import plots
 
     cfg = small_config(trials=2, max_steps=20)
     report = sweep(scripted(), [baseline(), fast()], cfg, tmp_path / "r", progress=False)
@@ -376,18 +376,6 @@ def test_bad_results_folder_and_config_mismatch(env, tmp_path):
         sweep(scripted(velocity=(0.1, 0, 0)), [baseline()], small_config(max_steps=3), tmp_path / "r",
                     progress=False)
     assert len(ResultsStore.open(tmp_path / "r").records()) == 1  # the refused runs wrote nothing
-
-
-def test_cli_functions(env, tmp_path, capsys):
-    report = L.run_cli(tmp_path / "r", suite="libero_10", tasks="0", trials=1, scripted=True, prompt=["fast"],
-                       max_steps=5, camera_size=64, offsamples=0, hard_reset=False, progress=False)
-    assert report.completed == 2
-    out = L.report_cli(tmp_path / "r", metric="disp", level="episode")
-    text = capsys.readouterr().out
-    assert "success rate" in text and "prompt:fast" in text and "pct_change" in text
-    assert out["figures"] and all(Path(f).stat().st_size > 0 for f in out["figures"])
-    with pytest.raises(LiberoError, match="choose exactly one policy"):
-        L.run_cli(tmp_path / "x", tiny=True, scripted=True)
 
 
 # -- slow: full episodes, other execution modes ------------------------------------------------------------------

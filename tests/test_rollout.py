@@ -226,7 +226,7 @@ def test_statistics_planted_effect(tmp_path):
 def test_plots_from_saved_results(tmp_path):
     from PIL import Image
 
-    from nnsight_vla import plots
+    from nnsight_vla.reports import plots
 
     conds = [C.baseline()] + [C.steered("up", Knob(a), alpha=a, layers=l) for a in (2, 8) for l in ("early", "late", "all")]
     store = ResultsStore.create(tmp_path / "r", CONFIG, [c.to_dict() for c in conds], kind="test")
@@ -250,7 +250,7 @@ def test_plots_keep_many_conditions_apart(tmp_path):
     the axes away (matplotlib warns when constrained layout collapses them: an error here)."""
     import warnings
 
-    from nnsight_vla import plots
+    from nnsight_vla.reports import plots
 
     conds = [C.baseline()] + [C.steered(c, Knob(a), alpha=a, layers="all") for c in ("up", "down", "fast", "slow")
                               for a in (1, 2, 4, 8, 10, 16)][:23]

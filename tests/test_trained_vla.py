@@ -121,11 +121,12 @@ def test_discovered_fast_set_moves_faster_than_slow_set(trained, scene, tmp_path
     (kNN over the value-vector lens), steered on a NEUTRAL instruction, change the measured per-step
     displacement in the predicted direction."""
     from nnsight_vla.concepts import find_opposites
-    from nnsight_vla.envs.conditions import steered
+    from nnsight_vla.envs.arm_scene import ArmRolloutConfig, run_episode
+    from nnsight_vla.rollout.conditions import steered
     from nnsight_vla.lens import ValueVectorLens
     from nnsight_vla.steering import Steering
     from nnsight_vla.training.experiment import ExperimentConfig
-    from nnsight_vla.training.rollouts import RolloutConfig, run_episode
+    from nnsight_vla.training.corpus import TASK_BASES
 
     config = ExperimentConfig()
     lens = ValueVectorLens(trained, k=10, cache_dir=False, progress=False)
@@ -133,8 +134,8 @@ def test_discovered_fast_set_moves_faster_than_slow_set(trained, scene, tmp_path
     # the discovered vectors promote speed words (a sanity check of the lens + clustering)
     tops = {t.strip("▁") for l, n in fast.pairs for t in lens.vector_tokens(l, n, k=5)}
     assert tops & (FAST_WORDS | SLOW_WORDS)
-    rollout = RolloutConfig(model=str(shipped_path("finetuned")), max_steps=12,
-                            image_size=int(trained.image_processor.image_size[0]))
+    rollout = ArmRolloutConfig(instructions=TASK_BASES, trials=3, max_steps=12,
+                               image_size=int(trained.image_processor.image_size[0]))
     disp = {}
     for name, nset in (("fast", fast), ("slow", slow)):
         cond = steered(name, Steering(nset, alpha=config.alpha), alpha=config.alpha, layers="all")

@@ -39,7 +39,7 @@ import pandas as pd
 
 import nnsight_vla as nv
 from nnsight_vla.lens import ValueVectorLens, checkpoint_diff
-from nnsight_vla.lens_plots import plot_action_share, plot_token_table
+from nnsight_vla.reports.lens_plots import plot_action_share, plot_checkpoint_diff, plot_token_table
 
 START = time.perf_counter()
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
@@ -152,7 +152,7 @@ print(diff.top_vectors(5, by="weight_change")[["layer", "neuron", "changed", "ga
 print("\nlanguage tokens that gained most top-k appearances:")
 print(diff.top_tokens(8, kind="language")[["layer", "token", "count_base", "count_tuned", "delta"]]
       .to_string(index=False))
-print("wrote", diff.plot(OUT / "checkpoint_diff.png"))
+print("wrote", plot_checkpoint_diff(diff, OUT / "checkpoint_diff.png"))
 if TRAINED:
     # fine-tuning on actions put action tokens into value vectors that had none in the base
     assert diff.layers.action_share_tuned.sum() > diff.layers.action_share_base.sum()

@@ -42,10 +42,11 @@ import numpy as np
 import torch
 
 import nnsight_vla as nv
-from nnsight_vla import plots
+from nnsight_vla.reports import plots
 from nnsight_vla.concepts import find_concept, find_opposites, random_control
-from nnsight_vla.envs.conditions import baseline, prompt_baseline, steered
-from nnsight_vla.envs.episodes import ResultsStore, compare_conditions, format_rows
+from nnsight_vla.rollout.conditions import baseline, prompt_baseline, steered
+from nnsight_vla.rollout.stats import compare_conditions, format_rows
+from nnsight_vla.rollout.store import ResultsStore
 from nnsight_vla.lens import ValueVectorLens
 from nnsight_vla.neurons import NeuronSet
 from nnsight_vla.steering import Steering
@@ -122,12 +123,12 @@ assert NeuronSet.load(path).pairs == sets["fast", "all"].pairs
 # bin and a fake motion.
 
 # %%
-from nnsight_vla.envs.arm_scene import ArmScene, SceneConfig
-from nnsight_vla.training.rollouts import trial_instruction
+from nnsight_vla.envs.arm_scene import scene as arm_scene
+from nnsight_vla.training.corpus import TASK_BASES
 
 image_size = int(vla.image_processor.image_size[0])
-scene = ArmScene(SceneConfig(image_size=image_size))
-observations = [(scene.reset(1000 + k)["image"], trial_instruction(k)) for k in range(8)]
+scene = arm_scene(image_size)
+observations = [(scene.reset(1000 + k)["image"], TASK_BASES[k % len(TASK_BASES)]) for k in range(8)]
 print("observations:", len(observations), observations[0][0].shape, "e.g.", repr(observations[0][1]))
 
 
@@ -271,18 +272,18 @@ print("wrote", OUT / "steering_open_loop.png")
 # runners (tutorials 4 and 5), so the same statistics and figures apply.
 
 # %%
-from nnsight_vla.training.rollouts import RolloutConfig, run_conditions
+from nnsight_vla.envs.arm_scene import ArmRolloutConfig, ArmSceneEnv
+from nnsight_vla.rollout.sweep import run_sweep
 
 conditions = [baseline()] + [
     steered(c, Steering(sets[c, "all"], ALPHA), alpha=ALPHA, layers="all") for c in ("fast", "slow", "high", "low")
 ] + [steered("random[fast]", Steering(controls["fast"], ALPHA), alpha=ALPHA, layers="all", kind="control"),
      prompt_baseline("fast")]
-config = RolloutConfig(model=MODEL_PATH, max_steps=20, image_size=image_size)
-store = ResultsStore.create(OUT / "rollouts", config.to_dict(), [c.to_dict() for c in conditions], kind="arm_scene")
+config = ArmRolloutConfig(instructions=TASK_BASES, trials=2, max_steps=20, image_size=image_size)
 t0 = time.perf_counter()
-ran = run_conditions(store, conditions, trials=2, config=config, vla=vla, scene=scene, progress=False)
-print(f"{ran} episodes in {time.perf_counter() - t0:.1f} s")
-scene.close()
+report = run_sweep(ArmSceneEnv(config), vla, conditions, OUT / "rollouts", progress=False)
+print(f"{report.completed} episodes in {time.perf_counter() - t0:.1f} s")
+store = ResultsStore.open(OUT / "rollouts")
 
 rows = compare_conditions(store, "disp", level="step", per_task=False)
 print("end-effector displacement per step (m), vs baseline:")

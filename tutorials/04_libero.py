@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 import nnsight_vla as nv
-from nnsight_vla import plots
+from nnsight_vla.reports import plots
 from nnsight_vla.concepts import find_opposites, random_control
 from nnsight_vla.envs import libero as L
 from nnsight_vla.envs.conditions import sweep_grid

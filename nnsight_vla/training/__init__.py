@@ -10,7 +10,6 @@ Modules (one concern each):
 * :mod:`~nnsight_vla.training.language` - phase 1 (language pretraining);
 * :mod:`~nnsight_vla.training.finetune` - phase 2 (action fine-tuning with language batches mixed in);
 * :mod:`~nnsight_vla.training.train` - the one-command training (``python -m nnsight_vla.training.train``);
-* :mod:`~nnsight_vla.training.rollouts` - closed-loop rollouts of a (steered) policy in the arm scene;
 * :mod:`~nnsight_vla.training.experiment` - the end-to-end experiment
   (``python -m nnsight_vla.training.experiment --out results/trained_vla``).
 

@@ -93,7 +93,7 @@ def discover(lens, config: ExperimentConfig) -> dict[str, dict[str, Any]]:
 def build_conditions(sets: dict, config: ExperimentConfig, vla) -> list:
     """Baseline, steered (all / subsets, alpha + sweep), random controls, prompt baselines."""
     from ..concepts import random_control
-    from ..envs.conditions import baseline, check_unique, prompt_baseline, steered
+    from ..rollout.conditions import baseline, check_unique, prompt_baseline, steered
     from ..steering import Steering
 
     conds = [baseline()]
@@ -272,10 +272,10 @@ def activation_probe(vla, sets: dict, image: np.ndarray) -> dict:
     the scale of the activations the model produces by itself."""
     import torch
 
-    from .corpus import SPEED_PHRASES, HEIGHT_PHRASES, TASK_BASES
+    from .corpus import TASK_BASES, manner_phrases
 
     layers = vla._module.get_submodule(vla.stack("backbone").path)
-    phrases = {"neutral": [""], **SPEED_PHRASES, **HEIGHT_PHRASES}
+    phrases = {"neutral": [""], **{c: manner_phrases(c, "words") for c in ("fast", "slow", "high", "low")}}
     out: dict[str, dict[str, float]] = {}
     captured: dict[int, torch.Tensor] = {}
     hooks = [layer.mlp.act.register_forward_hook(lambda m, i, o, idx=idx: captured.__setitem__(idx, o[0, -1].detach()))
@@ -339,7 +339,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def _jsonable(obj):
-    from ..envs.episodes import _jsonable as conv
+    from ..rollout.records import jsonable as conv
 
     return conv(obj)
 
@@ -380,9 +380,14 @@ def run_experiment(out: str | os.PathLike, config: ExperimentConfig, progress: b
 
     import nnsight_vla as nv
 
-    from ..envs.episodes import ResultsStore, compare_conditions
+    from ..envs.arm_scene import ArmRolloutConfig, ArmSceneEnv
     from ..lens import ValueVectorLens, checkpoint_diff
-    from .rollouts import RolloutConfig, run_conditions
+    from ..rollout.executors import Inline, Processes
+    from ..rollout.policy import PolicySpec
+    from ..rollout.stats import compare_conditions
+    from ..rollout.store import ResultsStore
+    from ..rollout.sweep import run_sweep
+    from .corpus import TASK_BASES
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -407,15 +412,17 @@ def run_experiment(out: str | os.PathLike, config: ExperimentConfig, progress: b
     # 3. conditions
     conditions = build_conditions(sets, config, vla)
     image_size = int(vla.image_processor.image_size[0])
-    rollout = RolloutConfig(model=str(Path(model_path).resolve()), max_steps=config.max_steps, seed=config.seed,
-                            image_size=image_size)
-    store = ResultsStore.create(out / "episodes_store", rollout.to_dict(), [c.to_dict() for c in conditions],
-                                kind="arm_scene", run_info={"trials": config.trials, "workers": config.workers})
+    rollout = ArmRolloutConfig(instructions=TASK_BASES, trials=config.trials, max_steps=config.max_steps,
+                               seed=config.seed, image_size=image_size)
 
     # 4. rollouts
     t_roll = time.perf_counter()
-    ran = run_conditions(store, conditions, config.trials, rollout, workers=config.workers, progress=progress,
-                         vla=vla if config.workers <= 1 else None)
+    policy = vla if config.workers <= 1 else PolicySpec("load", "openvla", source=str(Path(model_path).resolve()))
+    executor = Inline() if config.workers <= 1 else Processes(config.workers)
+    report = run_sweep(ArmSceneEnv(rollout), policy, conditions, out / "episodes_store", executor=executor,
+                       progress=progress)
+    ran = report.completed
+    store = ResultsStore.open(out / "episodes_store")
     rollout_s = time.perf_counter() - t_roll
 
     # 5. statistics, diff, tables, plots
@@ -443,7 +450,7 @@ def run_experiment(out: str | os.PathLike, config: ExperimentConfig, progress: b
     _write_csv(out / "results.csv", rows)
     plots = []
     try:
-        from ..plots import plot_all
+        from ..reports.plots import plot_all
 
         plots += [str(p) for p in plot_all(store, out / "plots")]
     except Exception as error:  # noqa: BLE001 - the shared plots are a bonus; ours below are the key figure
@@ -456,13 +463,9 @@ def run_experiment(out: str | os.PathLike, config: ExperimentConfig, progress: b
 
 
 def _first_frame(rollout) -> np.ndarray:
-    from ..envs.arm_scene import ArmScene, SceneConfig
+    from ..envs.arm_scene import scene
 
-    scene = ArmScene(SceneConfig(image_size=rollout.image_size))
-    try:
-        return scene.reset(rollout.seed)["image"]
-    finally:
-        scene.close()
+    return scene(rollout.image_size).reset(rollout.seed)["image"]
 
 
 def criteria(tests: dict) -> dict:
@@ -529,30 +532,3 @@ def report_markdown(results: dict) -> str:
                          for (l, n), toks in zip(info["pairs"], info["top_tokens"]))
         lines.append(f"- **{concept}**: {tops}")
     return "\n".join(lines) + "\n"
-
-
-def main(
-    out: str = "results/trained_vla",
-    model: Optional[str] = None,
-    base: Optional[str] = None,
-    trials: int = 20,
-    alpha: float = 4.0,
-    size: int = 10,
-    workers: int = 2,
-    max_steps: int = 45,
-    quick: bool = False,
-    no_progress: bool = False,
-) -> None:
-    """Run the end-to-end experiment and write results.json, results.csv, RESULTS.md and plots/ to OUT."""
-    config = ExperimentConfig.quick() if quick else ExperimentConfig()
-    config.model, config.base = model, base
-    if not quick:
-        config.trials, config.alpha, config.size, config.workers, config.max_steps = trials, alpha, size, workers, max_steps
-    results = run_experiment(out, config, progress=not no_progress)
-    print(report_markdown(results))
-
-
-if __name__ == "__main__":
-    import typer
-
-    typer.run(main)

@@ -34,7 +34,6 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -305,36 +304,3 @@ def _check_reload(folder: Path, model=None) -> dict:
             b = model(input_ids=ids, pixel_values=pixels).logits
         info["max_logit_diff"] = float((a - b).abs().max())
     return info
-
-
-def main(
-    seed: int = 0,
-    out: str = "nnsight_vla/data",
-    work: Optional[str] = None,
-    quick: bool = False,
-    threads: int = 2,
-    workers: int = 2,
-    phase1_steps: Optional[int] = None,
-    phase2_steps: Optional[int] = None,
-    episodes: Optional[int] = None,
-    no_progress: bool = False,
-) -> None:
-    """Train the small OpenVLA (phase 1 language, phase 2 actions) and write both checkpoints to OUT."""
-    config = TrainConfig.quick(seed) if quick else TrainConfig(seed=seed)
-    config.threads, config.workers = threads, workers
-    if phase1_steps is not None:
-        config.phase1_steps = phase1_steps
-    if phase2_steps is not None:
-        config.phase2_steps = phase2_steps
-    if episodes is not None:
-        config.n_episodes = episodes
-    log = train(out, config, work=work, progress=not no_progress)
-    t = log["timings"]
-    print(json.dumps({"out": out, "timings_s": {k: round(v, 1) for k, v in t.items()}, "final": log["final"]},
-                     indent=1, default=float))
-
-
-if __name__ == "__main__":
-    import typer
-
-    typer.run(main)

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ...errors import LiberoError
+from ...models.preprocessing import resize_with_pad
 from .config import LIBERO_ACTION_DIM, LIBERO_STATE_DIM, ResolvedRecipe
 
 
@@ -53,22 +54,6 @@ def prepare_image(image: np.ndarray, recipe: ResolvedRecipe) -> np.ndarray:
         box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
         pil = pil.resize((w, h), Image.BILINEAR, box=box)
     return np.asarray(pil)
-
-
-def resize_with_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize keeping the aspect ratio, pad with black to (height, width) (openpi's LIBERO preprocessing)."""
-    from PIL import Image
-
-    h, w = image.shape[:2]
-    if (h, w) == (height, width):
-        return image
-    scale = min(height / h, width / w)
-    nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
-    resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
-    out = np.zeros((height, width, 3), np.uint8)
-    top, left = (height - nh) // 2, (width - nw) // 2
-    out[top:top + nh, left:left + nw] = resized
-    return out
 
 
 def map_action(raw: np.ndarray, gripper: str) -> np.ndarray:

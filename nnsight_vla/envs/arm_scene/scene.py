@@ -1,24 +1,8 @@
 """A small table-top arm scene for the trained VLA: a Panda (robosuite 1.4, OSC_POSE) moves its gripper to a
-green target block on the table, seen by one low-resolution front camera, rendered headless (EGL).
-
-Why a scene of our own rather than LIBERO: the trained model is tiny (64 px images, a few layers) and must learn
-a closed-loop policy from scripted demonstrations in minutes on 2 CPU cores. The motion is therefore kept in the
-camera's image plane (left/right and up/down, depth held fixed), where a 64 px front view shows everything the
-policy needs: where the gripper is, where the target is, how high the gripper is.
-
-Task: start low at a random lateral position, travel to the target (on the other side of the table), and come to
-rest just above it. *How* the arm travels is what the instruction words control:
-
-* speed words (fast / quick / rapid / swift ... vs slow / careful / gentle ...) -> the step size,
-* height words (high / up / raise / lift ... vs low / down / lower ...) -> the transport height.
-
-Observation (``ArmScene.observe()``): ``image`` (H x W x 3 uint8, upright), ``eef_pos`` (world metres),
-``target_pos`` (the target block's top centre), ``table_z``. Actions are OpenVLA-style 7-vectors
-``(dx, dy, dz, droll, dpitch, dyaw, gripper)`` in robosuite's OSC_POSE units ([-1, 1] -> +-5 cm / +-0.5 rad per
-step; gripper -1 = open).
-
-``ScriptedExpert`` is the demonstrator: a memoryless function of the state (the same rule wherever the arm is),
-so a memoryless image policy can imitate it exactly.
+green target block, seen by one 64 px front camera rendered headless. Motion stays in the camera's image plane
+(left/right, up/down), where a tiny image policy can see everything it needs; instruction words control *how*
+the arm travels (speed: step size; height: transport height). ``ScriptedExpert`` is the memoryless
+demonstrator. Actions are OpenVLA-style 7-vectors in OSC_POSE units ([-1, 1] -> +-5 cm / +-0.5 rad per step).
 """
 
 from __future__ import annotations
@@ -33,7 +17,7 @@ import numpy as np
 # headless rendering; must be set before mujoco is imported
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from ..errors import InputError  # noqa: E402
+from ...errors import InputError  # noqa: E402
 
 #: speed levels: norm of the translation action (OSC units, 1.0 = 5 cm commanded per step)
 SPEEDS = {"slow": 0.3, "medium": 0.6, "fast": 1.0}
@@ -123,7 +107,8 @@ def _env_class():
             arena = TableArena(table_full_size=self.table_full_size, table_offset=self.table_offset)
             arena.set_origin([0, 0, 0])
             arena.set_camera(
-                camera_name="scene", pos=list(self.scene.camera_pos), quat=list(_camera_quat(self.scene.camera_pitch_deg)),
+                camera_name="scene", pos=list(self.scene.camera_pos),
+                quat=list(_camera_quat(self.scene.camera_pitch_deg)),
                 camera_attribs={"fovy": str(self.scene.camera_fovy)},
             )
             self.target = BoxObject(
@@ -259,12 +244,14 @@ class ArmScene:
         """Apply one 7-dim action (dx, dy, dz, droll, dpitch, dyaw, gripper) and return the observation."""
         action = np.asarray(action, dtype=np.float64).reshape(-1)
         if action.shape != (7,) or not np.all(np.isfinite(action)):
-            raise InputError(f"an arm-scene action is 7 finite numbers (dx, dy, dz, droll, dpitch, dyaw, gripper); got {action}")
+            raise InputError("an arm-scene action is 7 finite numbers (dx, dy, dz, droll, dpitch, dyaw, gripper); "
+                             f"got {action}")
         self._obs, _, _, _ = self.env.step(np.clip(action, -1.0, 1.0))
         return self.observe()
 
     def observe(self) -> dict:
-        """``image`` (upright uint8, or None without rendering), ``eef_pos``, ``target_pos`` (block top), ``table_z``."""
+        """``image`` (upright uint8, or None without rendering), ``eef_pos``, ``target_pos`` (block top),
+        ``table_z``."""
         if self._obs is None:
             raise InputError("call reset(seed) before observe()/step()")
         env = self.env

@@ -1,8 +1,7 @@
 """Figures of the value-vector lens: action-token share per layer, top-token tables, checkpoint diffs.
 
-Drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend change), saved atomically
-as PNG (or any suffix matplotlib knows). Each function returns the saved path, or the ``Figure`` when
-``out`` is None. Inputs are lenses / diffs or the tables they export, so figures can be redrawn from files.
+Each function returns the saved path, or the ``Figure`` when ``out`` is None (see :mod:`.figures`). Inputs are
+lenses / diffs or the tables they export, so figures can be redrawn from files.
 """
 
 from __future__ import annotations
@@ -12,18 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from .plots import _save  # one atomic figure writer for every plot module
+from .figures import new_figure, save_figure as _save
 
 ACTION_COLOR = "#d62728"
 LANGUAGE_COLOR = "#1f77b4"
 
 
 def _figure(width: float, height: float, ncols: int = 1):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width * ncols, height), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(width * ncols, height)
     return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
 
 
@@ -117,7 +112,8 @@ def plot_checkpoint_diff(diff: Any, out: str | os.PathLike | None = None, title:
     ax2.plot(x, layers["action_share_tuned"], marker="o", ms=3, color=ACTION_COLOR, label="tuned")
     _layer_axis(ax2)
     ax2.set_ylabel("action share of top-k tokens")
-    ax2.set_ylim(0, max(0.05, float(np.nanmax(np.r_[layers["action_share_base"], layers["action_share_tuned"]])) * 1.15))
+    peak = float(np.nanmax(np.r_[layers["action_share_base"], layers["action_share_tuned"]]))
+    ax2.set_ylim(0, max(0.05, peak * 1.15))
     ax2.set_title("Action-token share", fontsize=10)
     ax2.legend(fontsize=7)
     if title:

@@ -1,6 +1,6 @@
 """The paper's figures, drawn from saved results (never from live objects).
 
-Episode figures read a results folder written by a runner (:class:`nnsight_vla.envs.episodes.ResultsStore`):
+Episode figures read a results folder written by a sweep (:class:`nnsight_vla.rollout.store.ResultsStore`):
 
 * :func:`plot_displacement` - mean per-step displacement over time and cumulative displacement, by condition;
 * :func:`plot_height` - end-effector height trajectories by condition (each episode thin, the mean thick);
@@ -8,8 +8,7 @@ Episode figures read a results folder written by a runner (:class:`nnsight_vla.e
 * :func:`plot_layer_bars` - early / late / all-layer bars per concept (the "temporal localisation" figure);
 * :func:`plot_all` - every figure that the folder's conditions support.
 
-Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend change) and
-saved atomically as PNG. Each function returns the saved path, or the ``Figure`` when ``out`` is None.
+Each function returns the saved path, or the ``Figure`` when ``out`` is None (see :mod:`.figures`).
 """
 
 from __future__ import annotations
@@ -20,7 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import files
+from ..rollout.store import ResultsStore
+from .figures import legend as _legend, new_figure, save_figure as _save, styles as _styles
 
 #: axis labels of the step metrics
 METRIC_LABELS = {
@@ -34,52 +34,11 @@ METRIC_LABELS = {
 
 
 def _figure(ncols: int = 1, width: float = 5.5, height: float = 4.0):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width * ncols, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
-    return fig, axes
-
-
-def _styles(n: int) -> list[dict]:
-    """Distinct line styles for ``n`` conditions: the default colour cycle up to 10, then tab20 colours crossed
-    with dash patterns (a sweep has dozens of conditions; repeated colours would make curves indistinguishable)."""
-    if n <= 10:
-        return [{"color": f"C{i}"} for i in range(n)]
-    from matplotlib import colormaps
-
-    tab20 = colormaps["tab20"]
-    return [{"color": tab20(i % 20), "ls": ("-", "--", ":", "-.")[(i // 20) % 4]} for i in range(n)]
-
-
-def _legend(fig, axes, n: int) -> None:
-    """Legend inside the axes for a few conditions; for many, one legend outside on the right (inside, it would
-    cover the curves and squeeze the axes to nothing)."""
-    if n == 0:
-        return
-    if n <= 8:
-        for ax in axes:
-            ax.legend(fontsize=7)
-        return
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize=6, ncols=1 + n // 30)
-    fig.set_figheight(max(fig.get_figheight(), 0.16 * min(n, 30) + 1.0))
-
-
-def _save(fig, out: str | os.PathLike | None):
-    if out is None:
-        return fig
-    out = Path(out)
-    with files.atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=120, format=out.suffix.lstrip(".").lower() or "png")
-    return out
+    fig = new_figure(width * ncols, height)
+    return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
 
 
 def _store(source):
-    from .envs.episodes import ResultsStore
-
     return source if isinstance(source, ResultsStore) else ResultsStore.open(source)
 
 

@@ -1,0 +1,65 @@
+"""``nnsight-vla train | experiment``: the small OpenVLA trained in the project, and its pre-registered
+experiment."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import handled, progress_enabled
+
+
+@handled
+def train(
+    out: Annotated[Path, typer.Option(help="where the base and fine-tuned checkpoints and training_log.json go")]
+    = Path("nnsight_vla/data"),
+    seed: Annotated[int, typer.Option(help="the one seed of every random draw (corpus, demos, weights)")] = 0,
+    work: Annotated[Optional[Path], typer.Option(help="cache of rendered demonstrations (default: "
+                                                      "~/.cache/nnsight_vla/train_work)")] = None,
+    quick: Annotated[bool, typer.Option(help="a few-minute configuration (weak model; for tests)")] = False,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads (fixed: results depend on it)")] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="processes rendering demonstrations")] = 2,
+    phase1_steps: Annotated[Optional[int], typer.Option(min=1, help="language pretraining steps")] = None,
+    phase2_steps: Annotated[Optional[int], typer.Option(min=1, help="action fine-tuning (LoRA) steps")] = None,
+    episodes: Annotated[Optional[int], typer.Option(min=1, help="demonstration episodes")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars and step records")]
+    = True,
+) -> None:
+    """Train the small OpenVLA (vision, language, grounding, LoRA actions) and write both checkpoints."""
+    from ..training.train import TrainConfig, train as run
+
+    config = TrainConfig.quick(seed) if quick else TrainConfig(seed=seed)
+    config.threads, config.workers = threads, workers
+    for name, value in (("phase1_steps", phase1_steps), ("phase2_steps", phase2_steps), ("n_episodes", episodes)):
+        if value is not None:
+            setattr(config, name, value)
+    log = run(out, config, work=work, progress=progress_enabled(progress))
+    typer.echo(json.dumps({"out": str(out), "timings_s": {k: round(v, 1) for k, v in log["timings"].items()},
+                           "final": log["final"]}, indent=1, default=float))
+
+
+@handled
+def experiment(
+    out: Annotated[Path, typer.Option(help="results folder (resumable)")] = Path("results/trained_vla"),
+    model: Annotated[Optional[str], typer.Option(help="fine-tuned checkpoint (default: the shipped one)")] = None,
+    base: Annotated[Optional[str], typer.Option(help="its base checkpoint, for the diff (default: shipped)")] = None,
+    trials: Annotated[int, typer.Option(min=1, help="paired episodes per condition")] = 20,
+    alpha: Annotated[float, typer.Option(help="the main comparison's alpha")] = 4.0,
+    size: Annotated[int, typer.Option(min=1, help="neurons per concept")] = 10,
+    workers: Annotated[int, typer.Option(min=1, help="worker processes for the rollouts")] = 2,
+    max_steps: Annotated[int, typer.Option(min=1, help="policy steps per episode")] = 45,
+    quick: Annotated[bool, typer.Option(help="main conditions only, few trials (tests)")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars (terminal only)")] = True,
+) -> None:
+    """The end-to-end experiment on the trained model: lens, concepts, steered rollouts, statistics, plots."""
+    from ..training.experiment import ExperimentConfig, report_markdown, run_experiment
+
+    config = ExperimentConfig.quick() if quick else ExperimentConfig()
+    config.model, config.base = model, base
+    if not quick:
+        config.trials, config.alpha, config.size, config.workers, config.max_steps = trials, alpha, size, workers, \
+            max_steps
+    typer.echo(report_markdown(run_experiment(out, config, progress=progress_enabled(progress))))
