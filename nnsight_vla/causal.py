@@ -179,17 +179,29 @@ def neuron_response(vla, neurons: NeuronSet, positive: Iterable[Any], negative: 
 
 
 def mean_activations(vla, queries: Iterable[Any], layers: Sequence[int], stack: str = "backbone",
-                     **predict_kwargs: Any) -> dict[int, torch.Tensor]:
-    """{layer: (d_mlp,)} mean activation over every position of every forward on ``queries``."""
-    sums: dict[int, torch.Tensor] = {}
-    counts: dict[int, int] = {}
+                     positions: str = "all", **predict_kwargs: Any) -> dict[int, Any]:
+    """Mean activations on ``queries``: ``positions="all"``: ``{layer: (d_mlp,)}`` over every position of every
+    forward; ``"last"``: ``{layer: (first, rest)}``, the mean at the last position of the first forward and the
+    mean over the later (decode) forwards (see :func:`~nnsight_vla.steering.pinned_activations`)."""
+    if positions not in ("all", "last"):
+        raise InputError(f"positions must be 'all' or 'last', got {positions!r}")
+    sums: dict = {}
     for query in as_queries(queries):
         acts = read_activations(vla, query, layers, stack, **predict_kwargs)
         for layer, steps in acts.items():
-            flat = torch.cat(steps)
-            sums[layer] = sums.get(layer, 0) + flat.sum(0)
-            counts[layer] = counts.get(layer, 0) + flat.shape[0]
-    return {layer: sums[layer] / counts[layer] for layer in sums}
+            if positions == "all":
+                parts = [torch.cat(steps)]
+            else:
+                parts = [steps[0][-1:], torch.cat([s[-1:] for s in steps[1:]]) if len(steps) > 1 else steps[0][-1:]]
+            acc = sums.setdefault(layer, [[0, 0] for _ in parts])
+            for slot, part in zip(acc, parts):
+                slot[0] = slot[0] + part.sum(0)
+                slot[1] += part.shape[0]
+    out: dict = {}
+    for layer, acc in sums.items():
+        means = [total / count for total, count in acc]
+        out[layer] = means[0] if positions == "all" else tuple(means)
+    return out
 
 
 @dataclass
@@ -208,11 +220,12 @@ class Ablation:
 
 def ablation_effect(vla, layers: Sequence[int], queries_a: Iterable[Any], queries_b: Iterable[Any],
                     reference: Iterable[Any], summary: str = "speed", summaries: Mapping[str, Summary] | None = None,
-                    stack: str = "backbone", **predict_kwargs: Any) -> Ablation:
+                    stack: str = "backbone", positions: str = "last", **predict_kwargs: Any) -> Ablation:
     """How much of the gap ``summary(a) - summary(b)`` disappears when the MLPs of ``layers`` are mean-ablated:
-    their activations pinned, at every position of every forward, to their mean on ``reference`` queries (neutral
-    inputs). A concept computed in those layers loses its gap (``removed`` near 1); one computed elsewhere keeps
-    it (near 0)."""
+    their activations pinned to their mean on ``reference`` queries (neutral inputs), at the positions where the
+    action is read (``positions="last"``: the last prompt position and each decode step, position-aligned across
+    prompts of different lengths) or at every position (``"all"``: a much harsher knock-out). A concept
+    computed in those layers loses its gap (``removed`` near 1); one computed elsewhere keeps it (near 0)."""
     from .steering import pinned_activations
 
     summaries = dict(DEFAULT_SUMMARIES if summaries is None else summaries)
@@ -222,8 +235,8 @@ def ablation_effect(vla, layers: Sequence[int], queries_a: Iterable[Any], querie
     a, b = as_queries(queries_a), as_queries(queries_b)
     layers = sorted({vla.check_layer(l, stack) for l in layers})
     gap = float(fn(decode(vla, a, **predict_kwargs)).mean() - fn(decode(vla, b, **predict_kwargs)).mean())
-    means = mean_activations(vla, reference, layers, stack, **predict_kwargs)
-    with pinned_activations(vla, means, stack):
+    means = mean_activations(vla, reference, layers, stack, positions=positions, **predict_kwargs)
+    with pinned_activations(vla, means, stack, positions=positions):
         ablated = float(fn(decode(vla, a, **predict_kwargs)).mean() - fn(decode(vla, b, **predict_kwargs)).mean())
     removed = 1.0 - ablated / gap if gap else float("nan")
     return Ablation(layers, summary, gap, ablated, removed)

@@ -249,11 +249,13 @@ def _is_index(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class _Op:
-    """One write into a layer's activations: ``out[..., index] = value`` or ``+= value``."""
+    """One write into a layer's activations: ``out[..., index] = value`` or ``+= value`` (at every position, or
+    at the last one only)."""
 
     index: torch.Tensor
     value: Any  # float, or a per-neuron tensor (add mode with per-neuron scales)
     add: bool
+    last_only: bool = False
 
 
 def _write(out: torch.Tensor, ops: Sequence[_Op]) -> None:
@@ -261,10 +263,11 @@ def _write(out: torch.Tensor, ops: Sequence[_Op]) -> None:
         value = op.value
         if isinstance(value, torch.Tensor):
             value = value.to(device=out.device, dtype=out.dtype)
+        target = out[..., -1:, :] if op.last_only else out
         if op.add:
-            out[..., op.index] += value
+            target[..., op.index] += value
         else:
-            out[..., op.index] = value
+            target[..., op.index] = value
 
 
 def _steer_step(targets: Sequence[tuple[Any, Sequence[_Op]]]) -> None:
@@ -356,27 +359,36 @@ def _applied(vla, steerings: Sequence["Steering"]) -> contextlib.AbstractContext
     return _install(vla, _plans(vla, steerings))  # every check happens in _plans, before anything is installed
 
 
-def pinned_activations(vla, values: Mapping[int, torch.Tensor], stack: str = "backbone",
-                       scope: str = "every") -> contextlib.AbstractContextManager[AppliedSteering]:
+def pinned_activations(vla, values: Mapping[int, Any], stack: str = "backbone", scope: str = "every",
+                       positions: str = "all") -> contextlib.AbstractContextManager[AppliedSteering]:
     """Context manager: overwrite whole layers' activations with fixed vectors, ``mlp.act.output[..., :] =
-    values[layer]`` (a ``(d_mlp,)`` tensor, broadcast over positions), on every forward (or the first, with
-    ``scope="prefill"``). With zeros it knocks a layer's MLP out; with its mean activation on reference inputs
+    values[layer]`` (a ``(d_mlp,)`` tensor, broadcast over positions; or a pair ``(first, rest)``: one vector for
+    the first forward, one for the later ones), on every forward (or the first, ``scope="prefill"``), at every
+    position or at the last one only (``positions="last"``: the prompt position that predicts the first action
+    token, then each decode step's). With zeros it knocks a layer's MLP out; with its mean on reference inputs
     it is a mean ablation. Installed and removed like :meth:`Steering.apply`."""
     _check_vla(vla)
     if scope not in SCOPES:
         raise InputError(f"unknown scope {scope!r}; use one of {SCOPES}")
+    if positions not in ("all", "last"):
+        raise InputError(f"positions must be 'all' or 'last', got {positions!r}")
     num_layers, _, d_mlp = vla.stack_dims(stack)
     modules = getattr(vla, vla.stack(stack).attr)
-    ops = []
+    first, rest = [], []
     for layer in sorted(values):
         checked = vla.check_layer(layer, stack)
-        value = torch.as_tensor(values[layer], dtype=torch.float32).reshape(-1)
-        if value.numel() != d_mlp or not torch.isfinite(value).all():
-            raise InputError(f"layer {layer}: pinned activations must be {d_mlp} finite numbers")
-        ops.append((modules[checked].mlp.act, (_Op(torch.arange(d_mlp), value, False),)))
-    if not ops:
+        pair = values[layer] if isinstance(values[layer], (tuple, list)) else (values[layer], values[layer])
+        ops = []
+        for value in pair:
+            value = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
+            if value.numel() != d_mlp or not torch.isfinite(value).all():
+                raise InputError(f"layer {layer}: pinned activations must be {d_mlp} finite numbers")
+            ops.append(_Op(torch.arange(d_mlp), value, False, positions == "last"))
+        first.append((modules[checked].mlp.act, (ops[0],)))
+        rest.append((modules[checked].mlp.act, (ops[1],)))
+    if not first:
         raise InputError("no layers to pin")
-    plan = _StackPlan(stack, first=ops, rest=ops if scope == "every" else [])
+    plan = _StackPlan(stack, first=first, rest=rest if scope == "every" else [])
     return _install(vla, [plan])
 
 

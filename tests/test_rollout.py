@@ -527,3 +527,24 @@ def test_sweep_refuses_bad_input_before_creating_anything(tmp_path):
     with pytest.raises(InputError, match="runs in this process only"):
         run_sweep(env, SpeedPolicy(), [C.baseline()], tmp_path / "c", executor=Processes(1), progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_paired_statistics_match_independent_references():
+    from nnsight_vla.rollout.stats import holm, paired_test
+
+    rng = np.random.default_rng(3)
+    control = rng.normal(10, 2, 40)
+    treated = control * 1.2 + rng.normal(0, 0.5, 40)
+    out = paired_test(treated, control)
+    d = treated - control
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(d.size))  # the paired t statistic, by hand
+    assert out["t"] == pytest.approx(t) and out["p"] == pytest.approx(2 * stats.t.sf(abs(t), d.size - 1))
+    assert out["cohen_dz"] == pytest.approx(d.mean() / d.std(ddof=1))
+    assert out["pct"] == pytest.approx(100 * (treated.mean() - control.mean()) / control.mean())
+    # a null intervention on a deterministic policy changes nothing: p = 1, not NaN
+    same = paired_test(control, control)
+    assert same["p"] == 1.0 and same["mean_diff"] == 0.0
+    # Holm by hand: sorted p times (m - rank), made monotone
+    p = {"fast": 0.001, "slow": 0.02, "high": 0.013, "low": 0.3}
+    adjusted = holm(p)
+    assert adjusted == pytest.approx({"fast": 0.004, "high": 0.039, "slow": 0.04, "low": 0.3})

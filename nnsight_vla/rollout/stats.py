@@ -157,3 +157,71 @@ def format_rows(rows: Sequence[Mapping], columns: Sequence[str] | None = None) -
     lines.append("  ".join("-" * w for w in widths))
     lines.extend("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells)
     return "\n".join(lines)
+
+
+def paired_test(treated: Sequence[float], control: Sequence[float]) -> dict:
+    """Paired comparison of per-episode values (trial k of each condition shares its seed and instruction):
+    mean difference, % change of the means, paired t-test, Wilcoxon signed-rank test and Cohen's d_z."""
+    from scipy import stats
+
+    a, b = np.asarray(treated, np.float64), np.asarray(control, np.float64)
+    if a.shape != b.shape:
+        raise InputError(f"paired samples must have equal length, got {a.shape} and {b.shape}")
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    d = a - b
+    out = {"n": int(d.size), "mean_treated": float(a.mean()) if a.size else math.nan,
+           "mean_control": float(b.mean()) if b.size else math.nan,
+           "mean_diff": float(d.mean()) if d.size else math.nan,
+           "t": math.nan, "p": math.nan, "p_wilcoxon": math.nan, "cohen_dz": math.nan, "pct": math.nan}
+    if b.size and b.mean() != 0:
+        out["pct"] = 100.0 * (a.mean() - b.mean()) / abs(b.mean())
+    if d.size > 1:
+        sd = d.std(ddof=1)
+        if sd > 0:
+            res = stats.ttest_rel(a, b)
+            out["t"], out["p"] = float(res.statistic), float(res.pvalue)
+            out["cohen_dz"] = float(d.mean() / sd)
+        elif d.mean() != 0:  # every pair moved by the same amount: as certain as it gets
+            sign = math.copysign(math.inf, d.mean())
+            out["t"], out["p"], out["cohen_dz"] = sign, 0.0, sign
+        else:
+            out["t"], out["p"], out["cohen_dz"] = 0.0, 1.0, 0.0
+        if np.any(d != 0):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out["p_wilcoxon"] = float(stats.wilcoxon(a, b).pvalue)
+        else:
+            out["p_wilcoxon"] = 1.0
+    return out
+
+
+def holm(pvalues: Mapping[str, float]) -> dict[str, float]:
+    """Holm-Bonferroni adjusted p-values (family-wise error control over the given tests)."""
+    items = sorted(pvalues.items(), key=lambda kv: (math.isnan(kv[1]), kv[1]))
+    m = len(items)
+    adjusted: dict[str, float] = {}
+    running = 0.0
+    for rank, (name, p) in enumerate(items):
+        value = 1.0 if math.isnan(p) else min(1.0, (m - rank) * p)
+        running = max(running, value)
+        adjusted[name] = running
+    return adjusted
+
+
+def episode_values(source: "ResultsStore | str | os.PathLike", metric: str) -> dict[str, dict[tuple, float]]:
+    """{condition: {(task, trial): summary[metric]}} (the pairs of :func:`paired_test`)."""
+    out: dict[str, dict[tuple, float]] = {}
+    for row in _as_store(source).summaries():
+        value = row.get(metric)
+        out.setdefault(row["condition"], {})[(str(row["task"]), int(row["trial"]))] = (
+            math.nan if value is None else float(value))
+    return out
+
+
+def paired(values: Mapping[str, Mapping[tuple, float]], treated: str, control: str) -> dict:
+    """:func:`paired_test` of two conditions over the episodes both have."""
+    if treated not in values or control not in values:
+        raise InputError(f"no episodes for {treated!r} or {control!r}")
+    keys = sorted(set(values[treated]) & set(values[control]))
+    return paired_test([values[treated][k] for k in keys], [values[control][k] for k in keys])
