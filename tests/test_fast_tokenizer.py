@@ -55,7 +55,8 @@ def smooth_chunks(rng: np.random.Generator, n: int, t: int = T, d: int = D) -> n
     """Normalised, smooth action chunks: offset + two sinusoids + small noise, within about [-1, 1]."""
     time = np.linspace(0.0, 1.0, t)[None, :, None]
     off = rng.uniform(-0.3, 0.3, (n, 1, d))
-    a1, f1, p1 = rng.uniform(0.1, 0.5, (n, 1, d)), rng.uniform(0.2, 1.5, (n, 1, d)), rng.uniform(0, 2 * np.pi, (n, 1, d))
+    a1, f1 = rng.uniform(0.1, 0.5, (n, 1, d)), rng.uniform(0.2, 1.5, (n, 1, d))
+    p1 = rng.uniform(0, 2 * np.pi, (n, 1, d))
     a2, f2 = rng.uniform(0.0, 0.2, (n, 1, d)), rng.uniform(1.5, 3.0, (n, 1, d))
     noise = 0.01 * rng.standard_normal((n, t, d))
     return off + a1 * np.sin(2 * np.pi * f1 * time + p1) + a2 * np.cos(2 * np.pi * f2 * time) + noise
@@ -250,7 +251,9 @@ def test_load_errors(tmp_path):
         FastActionTokenizer.from_pretrained(tmp_path)
     # a hub id that cannot be fetched (no cache, no network allowed) fails with a clear error
     with pytest.raises(CheckpointError, match="hub"):
-        FastActionTokenizer.from_pretrained("physical-intelligence/fast", cache_dir=tmp_path / "hub", local_files_only=True)
+        FastActionTokenizer.from_pretrained(
+            "physical-intelligence/fast", cache_dir=tmp_path / "hub", local_files_only=True
+        )
 
 
 # ---------------------------------------------------------------- invalid sequences

@@ -56,7 +56,7 @@ def test_act_output_is_post_activation(tiny_openvla, images):
     mlp = vla._module.language_model.model.layers[1].mlp
     captured = {}
     h = mlp.register_forward_hook(lambda m, a, o: captured.setdefault("x", a[0].detach().clone()))
-    with vla.predict_action(images["a"], INSTRUCTION) as tracer:
+    with vla.predict_action(images["a"], INSTRUCTION) as tracer:  # noqa: F841 (the `with` target makes it a trace)
         act = vla.layers[1].mlp.act.output.save()
     h.remove()
     x = captured["x"]

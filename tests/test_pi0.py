@@ -77,7 +77,7 @@ def test_uniform_tree(vla):
 
 def test_no_action_tokens(vla):
     with pytest.raises(VLAError, match="pi0 has no action tokens"):
-        vla.action_token_ids
+        vla.action_token_ids  # noqa: B018 (the property raises)
 
 
 def test_lm_head_is_logit_lens_of_the_backbone(vla):
@@ -154,7 +154,7 @@ def test_forward_schedule(vla, cams):
     }
     for steps in (3, 5):
         calls = {name: 0 for name in watched}
-        handles = [mod.register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
+        handles = [mod.register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))  # noqa: B023
                    for name, mod in watched.items()]
         try:
             vla.predict_action(cams, INSTRUCTION, STATE, num_steps=steps)

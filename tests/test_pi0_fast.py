@@ -138,7 +138,7 @@ def test_prefill_only_vs_every_forward(vla, cams):
                 vla.layers[layer].mlp.act.output[..., neurons] = alpha
             prefill.append(vla.lm_head.output.save())
     with vla.predict_action(cams, INSTRUCTION, STATE, stop_at_eos=False) as tracer:
-        for step in tracer.iter[:12]:
+        for _step in tracer.iter[:12]:
             vla.layers[layer].mlp.act.output[..., neurons] = alpha
             every.append(vla.lm_head.output.save())
     h = pre_hook(down, neurons, alpha, calls={0})

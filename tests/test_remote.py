@@ -92,7 +92,8 @@ def test_openvla_key_names_family_class_dtype_and_tiny_spec(vla):
                     "tiny": {"seed": 0, "config": {}}}
     assert suffix == json.dumps(data, sort_keys=True)  # one spelling = one server deployment
     other = nv.tiny("openvla", seed=3, text={"num_hidden_layers": 2})
-    assert json.loads(other.model_key.partition(":")[2])["tiny"] == {"seed": 3, "config": {"text": {"num_hidden_layers": 2}}}
+    tiny_spec = json.loads(other.model_key.partition(":")[2])["tiny"]
+    assert tiny_spec == {"seed": 3, "config": {"text": {"num_hidden_layers": 2}}}
 
 
 def _family_or_skip(family):
@@ -353,7 +354,9 @@ def test_language_model_trace_with_fn(vla, way):
 
 def _reference_topk(model, k, rows):
     unembedding = model.unembedding()[:rows].detach()
-    return [torch.topk(unembedding @ model.value_vectors(layer).detach(), k, dim=0) for layer in range(model.num_layers)]
+    return [
+        torch.topk(unembedding @ model.value_vectors(layer).detach(), k, dim=0) for layer in range(model.num_layers)
+    ]
 
 
 @pytest.mark.parametrize("way", WAYS)

@@ -147,7 +147,7 @@ class VLA(Remotable):
         """Set ``self.config``, ``self.tokenizer`` and the family's other preprocessing objects."""
         raise NotImplementedError
 
-    def _build(self, source, *, revision, dtype, device, tiny, meta: bool) -> nn.Module:
+    def _build(self, *, dtype: Any, device: Any, tiny: Mapping | None, meta: bool) -> nn.Module:
         """Build the torch module: the structure only (``meta``), a seeded tiny model, or a checkpoint's weights."""
         if self.attn_implementation is not None:
             self.config._attn_implementation = self.attn_implementation
@@ -186,13 +186,13 @@ class VLA(Remotable):
     def _load_meta(self, source, revision=None, dtype=None, device=None, tiny=None, **_: Any) -> nn.Module:
         self._load_processors(source, revision=revision, tiny=tiny)
         repair_meta_device_context()
-        module = self._build(source, revision=revision, dtype=dtype, device=device, tiny=tiny, meta=True)
+        module = self._build(dtype=dtype, device=device, tiny=tiny, meta=True)
         return self._finish(move_strays_to_meta(module))
 
     def _load(self, source, revision=None, dtype=None, device=None, tiny=None, **_: Any) -> nn.Module:
         if self.tokenizer is None:
             self._load_processors(source, revision=revision, tiny=tiny)
-        return self._finish(self._build(source, revision=revision, dtype=dtype, device=device, tiny=tiny, meta=False))
+        return self._finish(self._build(dtype=dtype, device=device, tiny=tiny, meta=False))
 
     def _wrap(self, module: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
         raise TypeError(f"build {type(self).__name__} with nnsight_vla.load(...) or nnsight_vla.tiny(...)")

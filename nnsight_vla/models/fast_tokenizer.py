@@ -38,16 +38,8 @@ from .fast_codec import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "PALIGEMMA_SKIP_TOKENS",
-    "PALIGEMMA_VOCAB_SIZE",
-    "DecodeResult",
-    "FastActionTokenizer",
-    "FastDecodeError",
-    "FastEncodeError",
-    "action_token_ids",
-    "chunk_to_coefficients",
-    "coefficients_to_chunk",
-    "fast_to_vlm_ids",
+    "PALIGEMMA_SKIP_TOKENS", "PALIGEMMA_VOCAB_SIZE", "DecodeResult", "FastActionTokenizer", "FastDecodeError",
+    "FastEncodeError", "action_token_ids", "chunk_to_coefficients", "coefficients_to_chunk", "fast_to_vlm_ids",
     "vlm_to_fast_ids",
 ]
 
