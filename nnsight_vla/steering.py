@@ -59,6 +59,10 @@ from .errors import IndexOutOfRangeError, InputError
 from .neurons import STACKS, NeuronSet, layer_subset, random_like
 
 MODES = ("overwrite", "add")
+#: the largest |value| a steering may write or add (raw, after the unit): far above any useful value (the paper
+#: uses 2-20; natural activations are O(1-30)) and low enough that the written residual stays finite even in
+#: float16 (max 65504). Beyond it every logit saturates and decoding returns garbage that looks like an action.
+MAX_ABS_ALPHA = 1e4
 SCOPES = ("every", "prefill")
 
 #: the prompt baseline's template: the concept word appended to the task instruction (as in
@@ -541,6 +545,7 @@ class Steering:
         self.mode: str = mode
         self.scope: str = scope
         self.scale = self._check_scale(scale)
+        self._check_bound()
         self.name: str = name if name is not None else (self.neurons.name or "steering")
         if self.neurons.num_layers is not None:
             self.resolve()  # an empty layer restriction fails now, not at the first run
@@ -576,6 +581,19 @@ class Steering:
         if value <= 0:
             raise InputError(f"scale must be positive, got {value}")
         return value
+
+    def _check_bound(self) -> None:
+        if isinstance(self.scale, dict):
+            largest = abs(self.alpha) * max(abs(v) for v in self.scale.values())
+        elif isinstance(self.scale, float):
+            largest = abs(self.alpha) * self.scale
+        else:
+            largest = abs(self.alpha) * max(self.scale.values)
+        if largest > MAX_ABS_ALPHA:
+            raise InputError(
+                f"alpha {self.alpha:g} writes {largest:.3g} into the activations (after the unit); the limit is "
+                f"{MAX_ABS_ALPHA:g} (the paper uses 2-20; beyond ~1e4 logits saturate and decoding returns a "
+                "meaningless action)")
 
     def raw_alpha(self, layer: int) -> float:
         """The value written into (overwrite) or added to (add, scalar/per-layer scale) layer ``layer``'s
@@ -844,6 +862,6 @@ def _tl_hooks(steerings: Sequence[Steering], model: Any) -> list[tuple[str, Call
 
 
 __all__ = [
-    "AppliedSteering", "MODES", "PROMPT_TEMPLATE", "SCOPES", "Steering", "SteeringGroup", "forward_count",
+    "AppliedSteering", "MAX_ABS_ALPHA", "MODES", "PROMPT_TEMPLATE", "SCOPES", "Steering", "SteeringGroup", "forward_count",
     "load_neurons", "pinned_activations", "prompt_baseline", "steering_from_dict",
 ]

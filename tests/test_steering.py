@@ -509,6 +509,10 @@ def _forward_counter(vla):
         (lambda v: Steering([(1, 3)], 1.0, layers=[]), InputError, "empty layer subset"),
         (lambda v: Steering([(1, 3)], 1.0, scale={(1, 3): 2.0}), InputError, "only applies to mode='add'"),
         (lambda v: Steering([(1, 3)], 1.0, scale=-2.0), InputError, "scale must be positive"),
+        # beyond the stated bound logits saturate (issue 15: alpha 1e20 decoded token 0 as a normal action)
+        (lambda v: Steering([(1, 3)], 1e20), InputError, "the limit is 10000"),
+        (lambda v: Steering([(1, 3)], -2e4), InputError, "the limit is 10000"),
+        (lambda v: Steering([(1, 3)], 100.0, mode="add", scale=500.0), InputError, "the limit is 10000"),
         (lambda v: Steering([(1, 3)], 1.0, mode="add", scale=float("inf")), InputError, "scale must be finite"),
         (lambda v: Steering([(1, "a")], 1.0), InputError, "pair of ints"),
         (lambda v: Steering(NeuronSet.for_model(v, [(1, 3)]), 1.0, stack="expert"), InputError, "cannot steer another"),
