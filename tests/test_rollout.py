@@ -245,6 +245,42 @@ def test_plots_from_saved_results(tmp_path):
     assert len(fig.axes[0].lines) >= 1
 
 
+def test_plots_are_never_degenerate_and_say_how_many_episodes_run(tmp_path):
+    """One alpha and one layer subset: no alpha-sweep or layer figure (issue 17: a sweep with one alpha is a dot);
+    the per-step panel counts the episodes still running; displacement is drawn in mm (stored in metres)."""
+    from nnsight_vla.reports import plots
+
+    conds = [C.baseline(), C.steered("up", Knob(2), alpha=2, layers="all")]
+    store = ResultsStore.create(tmp_path / "r", CONFIG, [c.to_dict() for c in conds], kind="test")
+    for i, cond in enumerate(conds):
+        for trial, steps in enumerate((8, 12)):
+            store.write_episode(line_episode(EpisodeKey(cond.name, 0, trial), 0.01, steps=steps))
+    names = {f.name for f in plots.plot_all(store, tmp_path / "plots")}
+    assert "alpha_sweep.png" not in names and not any(n.startswith("layers_") for n in names)
+    fig = plots.plot_displacement(store, metric="disp")
+    twin = [ax for ax in fig.axes if "still running" in ax.get_ylabel()]
+    assert twin, "no running-episodes axis"
+    running = twin[0].lines[0].get_ydata()
+    assert list(running[:8]) == [4] * 8 and list(running[8:12]) == [2] * 4  # 4 episodes, two end at step 8
+    mean_line = fig.axes[0].lines[0]
+    np.testing.assert_allclose(mean_line.get_ydata()[1:5], 10.0, rtol=1e-6)  # 1 cm per step = 10 mm
+
+
+def test_action_share_plot_has_the_chance_line_and_the_base(tmp_path):
+    import nnsight_vla as nv
+    from nnsight_vla.lens import ValueVectorLens
+    from nnsight_vla.reports.lens_plots import plot_action_share
+
+    tuned = ValueVectorLens(nv.tiny("openvla", seed=0), k=5, cache_dir=False, progress=False)
+    base = ValueVectorLens(nv.tiny("openvla", seed=1), k=5, cache_dir=False, progress=False)
+    fig = plot_action_share(tuned, base=base)
+    ax = fig.axes[0]
+    chance = len(tuned.action_ids) / tuned.vocab_rows
+    assert any(np.allclose(l.get_ydata(), chance) for l in ax.lines)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "base checkpoint" in labels and any(l.startswith("chance") for l in labels)
+
+
 def test_plots_keep_many_conditions_apart(tmp_path):
     """A sweep of 24 conditions: every curve gets its own (colour, dash) style, and the legend does not squeeze
     the axes away (matplotlib warns when constrained layout collapses them: an error here)."""

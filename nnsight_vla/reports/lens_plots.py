@@ -39,20 +39,33 @@ def _share_table(source: Any):
     return pd.read_parquet(source) if str(source).endswith(".parquet") else pd.read_csv(source)
 
 
-def plot_action_share(source: Any, out: str | os.PathLike | None = None, title: str | None = None):
-    """Share of top-k tokens that are action tokens, per layer (bars), and the fraction of value vectors with
-    at least one action token in their top-k (line). ``source``: a lens, its ``action_token_share()`` table or
-    that table's exported file."""
+def plot_action_share(source: Any, out: str | os.PathLike | None = None, title: str | None = None, *,
+                      base: Any = None, chance: float | None = None):
+    """Share of top-k tokens that are action tokens, per layer (bars; ``base``: the base checkpoint's beside them,
+    as in the paper's figure), the fraction of value vectors with at least one action token in their top-k
+    (line), and the chance level (dashed): the share of the vocabulary that is action tokens (a lens knows it;
+    pass ``chance=`` for a table). ``source`` / ``base``: a lens, its ``action_token_share()`` table or that
+    table's exported file."""
     table = _share_table(source)
+    if chance is None and hasattr(source, "action_ids") and getattr(source, "vocab_rows", 0):
+        chance = len(source.action_ids) / source.vocab_rows
     fig, (ax,) = _figure(max(4.0, 0.22 * len(table) + 2.5), 3.6)
     layers = table["layer"].to_numpy()
-    ax.bar(layers, table["share"], color=ACTION_COLOR, alpha=0.8, label="action share of top-k tokens")
+    width = 0.4 if base is not None else 0.8
+    if base is not None:
+        base_table = _share_table(base)
+        ax.bar(base_table["layer"].to_numpy() - width / 2, base_table["share"], width=width, color="0.6",
+               label="base checkpoint")
+    ax.bar(layers + (width / 2 if base is not None else 0), table["share"], width=width, color=ACTION_COLOR,
+           alpha=0.8, label="action share of top-k tokens" + (" (fine-tuned)" if base is not None else ""))
     if "vectors_with_action" in table:
         ax.plot(layers, table["vectors_with_action"], color="black", marker="o", ms=3, lw=1,
                 label="vectors with >= 1 action token")
+    if chance is not None:
+        ax.axhline(chance, color="k", ls="--", lw=0.8, label=f"chance: {100 * chance:.0f} % of the vocabulary")
     for x, y in zip(layers, table["share"]):
         if len(layers) <= 40:
-            ax.text(x, y, f"{y:.2f}", ha="center", va="bottom", fontsize=6)
+            ax.text(x + (width / 2 if base is not None else 0), y, f"{y:.2f}", ha="center", va="bottom", fontsize=6)
     _layer_axis(ax)
     ax.set_ylabel("fraction")
     ax.set_ylim(0, 1.05)

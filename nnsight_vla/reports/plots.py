@@ -22,15 +22,17 @@ import numpy as np
 from ..rollout.store import ResultsStore
 from .figures import legend as _legend, new_figure, save_figure as _save, styles as _styles
 
-#: axis labels of the step metrics
+#: axis labels of the step metrics (one unit per quantity in every figure: mm per step, cm of height)
 METRIC_LABELS = {
     "action_disp": "per-step displacement |a_xyz| (action units)",
-    "disp": "per-step displacement (m)",
-    "dz": "vertical displacement per step (m)",
+    "disp": "per-step displacement (mm)",
+    "dz": "vertical displacement per step (mm)",
     "action_dz": "vertical displacement a_z (action units)",
-    "height": "end-effector height (m)",
-    "height_rel": "height above start (m)",
+    "height": "end-effector height (cm)",
+    "height_rel": "height above start (cm)",
 }
+#: factor from the stored unit (metres) to the plotted one
+METRIC_SCALE = {"disp": 1000.0, "dz": 1000.0, "height": 100.0, "height_rel": 100.0}
 
 
 def _figure(ncols: int = 1, width: float = 5.5, height: float = 4.0):
@@ -53,7 +55,8 @@ def _episode_series(store, column: str, conditions: Sequence[str] | None, task: 
         if task is not None and str(record["task"]) != str(task):
             continue
         table = pq.read_table(store.episodes_dir / record["steps_file"], columns=[column])
-        out.setdefault(record["condition"], []).append(table.column(0).to_numpy(zero_copy_only=False).astype(float))
+        values = table.column(0).to_numpy(zero_copy_only=False).astype(float) * METRIC_SCALE.get(column, 1.0)
+        out.setdefault(record["condition"], []).append(values)
     order = conditions if conditions is not None else sorted(out, key=lambda c: (c != "baseline", c))
     return {c: out[c] for c in order if c in out}
 
@@ -85,14 +88,24 @@ def plot_displacement(
     conditions: Sequence[str] | None = None,
     task: Any = None,
 ):
-    """Per-step displacement over time (mean +- SEM over episodes) and cumulative displacement, by condition.
+    """Per-step displacement over time (mean +- SEM over the episodes still running) and cumulative displacement,
+    by condition; grey steps (right axis): how many episodes are still running at each step (episodes end on
+    success, so late steps average fewer of them).
 
-    ``metric``: ``"action_disp"`` (the executed translation command; the paper's scale) or ``"disp"`` (metres).
+    ``metric``: ``"action_disp"`` (the executed translation command; the paper's scale) or ``"disp"`` (mm).
     The cumulative panel is the running sum of ``metric`` within each episode, averaged over episodes.
     """
     store = _store(results)
     series = _episode_series(store, metric, conditions, task)
     fig, (ax1, ax2) = _figure(2)
+    if series:
+        lengths = [len(e) for eps in series.values() for e in eps]
+        running = [sum(n > t for n in lengths) for t in range(max(lengths))]
+        twin = ax1.twinx()
+        twin.step(np.arange(len(running)), running, where="post", color="0.6", lw=0.8)
+        twin.set_ylabel("episodes still running (all conditions)", fontsize=7, color="0.4")
+        twin.tick_params(labelsize=6, colors="0.4")
+        twin.set_ylim(0, max(running) * 1.05)
     for (cond, eps), style in zip(series.items(), _styles(len(series))):
         mean, sem = _ragged_mean(eps)
         steps = np.arange(len(mean))
@@ -241,6 +254,10 @@ def plot_layer_bars(
     return _save(fig, out)
 
 
+def _run_conditions(store) -> set[str]:
+    return {r["condition"] for r in store.records()}
+
+
 def plot_all(results, out_dir: str | os.PathLike, *, reference: str = "baseline") -> list[Path]:
     """Every episode figure the results support, saved as PNG in ``out_dir``. Returns the paths."""
     store = _store(results)
@@ -253,10 +270,16 @@ def plot_all(results, out_dir: str | os.PathLike, *, reference: str = "baseline"
         plot_displacement(store, out_dir / "displacement_eef.png", metric="disp"),
         plot_height(store, out_dir / "height.png"),
     ]
-    conds = store.manifest.get("conditions", {}).values()
-    if has_action and any(c.get("alpha") is not None for c in conds):
+    conds = [c for name, c in store.manifest.get("conditions", {}).items() if name in _run_conditions(store)]
+    alphas: dict = {}
+    for c in conds:
+        if c.get("alpha") is not None:
+            alphas.setdefault((c.get("concept"), c.get("layers")), set()).add(float(c["alpha"]))
+    subsets = {c.get("layers") for c in conds if c.get("layers") is not None}
+    # a sweep needs two alphas of one concept, a layer comparison two subsets: anything less is a degenerate plot
+    if has_action and any(len(v) > 1 for v in alphas.values()):
         files.append(plot_alpha_sweep(store, out_dir / "alpha_sweep.png", reference=reference))
-    if has_action and any(c.get("layers") is not None for c in conds):
+    if has_action and len(subsets) > 1:
         files.append(plot_layer_bars(store, out_dir / "layers_vertical.png", metric="action_dz", reference=reference))
         files.append(plot_layer_bars(store, out_dir / "layers_displacement.png", metric="action_disp",
                                      reference=reference))
