@@ -126,3 +126,50 @@ def test_libero_run_and_report(tmp_path):
     assert result.exit_code == 0, result.output
     assert "success rate" in result.output and "prompt:fast" in result.output and "pct_change" in result.output
     assert list((tmp_path / "r" / "plots").glob("*.png"))
+
+
+def test_libero_paper_dry_run_counts_the_grid(tmp_path):
+    """The paper's sweep (3 concepts x 2 sizes x 6 alphas on all layers + baseline) is 37 conditions, 3700
+    episodes over LIBERO-Long's 10 tasks x 10 trials; nothing is created by a dry run."""
+    result = invoke("libero", "paper", str(tmp_path / "r"), "--tiny", "--dry-run", "--random-sets", "0",
+                    "--layers", "all", "--no-prompts", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "37 conditions x 10 tasks x 10 trials = 3700 episodes" in result.output
+    result = invoke("libero", "paper", str(tmp_path / "r"), "--tiny", "--dry-run", "--no-progress",
+                    "--sim-step-s", "0.1", "--policy-call-s", "0.05", "--workers", "4", "--max-batch", "8",
+                    "--policy-server")
+    assert result.exit_code == 0 and "70 conditions" in result.output and "4 worker(s)" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_libero_paper_reads_the_authors_dictionaries(tmp_path):
+    import nnsight_vla as nv
+
+    d_mlp, n_layers = nv.tiny("openvla").d_mlp, nv.tiny("openvla").num_layers
+    flat = {key: {str(layer * d_mlp + neuron): ["x"] for layer, neuron in pairs}
+            for key, pairs in (("fast_10", [(2, 1), (3, 4)]), ("slow_10", [(1, 7)]), ("up_10", [(3, 9), (2, 2)]))}
+    import yaml
+
+    (tmp_path / "dictionaries.yaml").write_text(yaml.safe_dump({**flat, "blank": {}}))
+    result = invoke("libero", "paper", str(tmp_path / "r"), "--tiny", "--dry-run", "--no-progress",
+                    "--neurons", str(tmp_path / "dictionaries.yaml"), "--alphas", "4", "--layers", "all,late",
+                    "--layer-alpha", "4", "--random-sets", "2")
+    assert result.exit_code == 0, result.output
+    # baseline + 5 steered (3 sets x (all, late); slow_10 has no late neuron: layer 1 of 4) + 2 random controls of
+    # each steered one (alpha 4 = the layer alpha) + 3 prompts = 1 + 5 + 10 + 3
+    assert "19 conditions" in result.output, result.output
+    assert n_layers == 4
+
+
+@pytest.mark.slow
+def test_libero_paper_end_to_end_on_one_task(tmp_path):
+    pytest.importorskip("libero.libero")
+    result = invoke("libero", "paper", str(tmp_path / "r"), "--tiny", "--tasks", "0", "--trials", "1",
+                    "--max-steps", "8", "--camera-size", "64", "--alphas", "2,20", "--sizes", "4",
+                    "--layers", "early,late,all", "--layer-alpha", "20", "--random-sets", "1", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r" / "paper.md").read_text().startswith("# The paper's LIBERO comparison")
+    import json
+
+    report = json.loads((tmp_path / "r" / "paper.json").read_text())
+    assert report["fast_vs_slow"] and report["up_vertical"]

@@ -145,3 +145,115 @@ def report(
 
         files = [str(p) for p in plot_all(store, out or store.root / "plots", reference=reference)]
         typer.echo("\nfigures:\n  " + "\n  ".join(files))
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"--{what} must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise InputError(f"--{what} is empty")
+    return values
+
+
+@app.command("paper")
+@handled
+def paper(
+    results: Annotated[Path, typer.Argument(help="results folder (created; resumed if it holds this sweep)")],
+    checkpoint: Annotated[Optional[str], typer.Option(help="the OpenVLA checkpoint (folder or hub id)")] = None,
+    tiny: Annotated[bool, typer.Option(help="a tiny random OpenVLA instead (smoke runs)")] = False,
+    neurons: Annotated[Optional[Path], typer.Option(help="the authors' dictionaries.yaml (flat index = layer x "
+                                                         "d_mlp + neuron); default: find the concepts with the lens")]
+    = None,
+    keys: Annotated[str, typer.Option(help="entries of --neurons to steer, comma-separated")] = "fast_10,slow_10,up_10",
+    concepts: Annotated[str, typer.Option(help="concept words found with the lens (without --neurons)")]
+    = "fast,slow,up",
+    sizes: Annotated[str, typer.Option(help="cluster sizes (the paper: 10,20)")] = "10,20",
+    alphas: Annotated[str, typer.Option(help="values written into the neurons (the paper: 2,4,6,8,10,20)")]
+    = "2,4,6,8,10,20",
+    layers: Annotated[str, typer.Option(help="layer subsets (the paper: early,late,all); the alpha sweep runs on "
+                                             "all layers, the other subsets at --layer-alpha")] = "early,late,all",
+    layer_alpha: Annotated[float, typer.Option(help="alpha of the layer-subset comparison and the random controls")]
+    = 10.0,
+    random_sets: Annotated[int, typer.Option(min=0, help="random controls per concept set and layer subset at "
+                                                         "--layer-alpha (the paper: one control)")] = 1,
+    prompts: Annotated[bool, typer.Option(help="add the prompt baseline of each concept word")] = True,
+    suite: Annotated[str, typer.Option(help="LIBERO suite (the paper: libero_10 = LIBERO-Long)")] = "libero_10",
+    tasks: Annotated[Optional[str], typer.Option(help="task ids: '0-9', '0,3,5' or all")] = None,
+    trials: Annotated[int, typer.Option(min=1, help="episodes per task and condition (the paper: 10)")] = 10,
+    seed: Annotated[int, typer.Option(help="base seed of the episodes (the standard recipe: 7)")] = 7,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="policy steps per episode (default: the suite's; "
+                                                                 "another value is a recorded deviation)")] = None,
+    camera_size: Annotated[int, typer.Option(min=16, help="rendered camera size (the recipe: 256)")] = 256,
+    workers: Annotated[int, typer.Option(min=0, help="0: run here; N: N simulator processes")] = 0,
+    policy_server: Annotated[bool, typer.Option(help="one process owns the model, workers send observations")]
+    = False,
+    max_batch: Annotated[int, typer.Option(min=1, help="policy server: batch up to N same-condition requests")] = 1,
+    restrict_to_action_tokens: Annotated[bool, typer.Option(help="decode the best action token at each step "
+                                                                  "(a deviation from the published decoding)")]
+    = False,
+    dry_run: Annotated[bool, typer.Option(help="print the episode count and a time estimate; run nothing")] = False,
+    sim_step_s: Annotated[float, typer.Option(help="dry run: seconds per simulator step (measure yours)")] = 0.2,
+    policy_call_s: Annotated[float, typer.Option(help="dry run: seconds per policy call at batch 1")] = 0.15,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars (terminal only)")] = True,
+) -> None:
+    """The paper's LIBERO grid in one command: concepts -> sizes x alphas x layers + random controls + prompt
+    baselines -> resumable sweep (standard OpenVLA recipe) -> the report beside the published numbers."""
+    import json as _json
+
+    from ..envs.libero import LiberoConfig, LiberoEnv, parse_task_range, suite_tasks
+    from ..envs.libero.paper import (PaperGrid, concept_sets_from_file, concept_sets_from_lens, estimate,
+                                     paper_conditions)
+    from ..rollout.sweep import run_sweep
+
+    grid = PaperGrid(concepts=tuple(c.strip() for c in (keys if neurons else concepts).split(",") if c.strip()),
+                     sizes=tuple(int(s) for s in _floats(sizes, "sizes")), alphas=_floats(alphas, "alphas"),
+                     layers=tuple(s.strip() for s in layers.split(",") if s.strip()), layer_alpha=layer_alpha,
+                     random_sets=random_sets, prompts=prompts)
+    spec = make_policy("openvla", checkpoint, tiny, False, seed)
+    executor = executor_for(workers, "process", None, policy_server, max_batch)
+    cfg = LiberoConfig(suite=suite, tasks=parse_task_range(tasks), trials=trials, seed=seed, max_steps=max_steps,
+                       camera_size=camera_size,
+                       predict_kwargs={"restrict_to_action_tokens": True} if restrict_to_action_tokens else ())
+    from .. import models
+
+    vla = spec.build() if tiny else models.load("openvla", checkpoint)  # no weights read before the sweep
+    if neurons:
+        sets = concept_sets_from_file(str(neurons), grid.concepts, vla.d_mlp, vla.num_layers)
+    else:
+        from ..lens import ValueVectorLens
+
+        if not tiny:
+            vla.dispatch()
+        sets = concept_sets_from_lens(ValueVectorLens(vla, progress=progress_enabled(progress)), grid)
+    conditions = paper_conditions(sets, grid, seed=seed)
+    n_tasks = len(cfg.tasks) if cfg.tasks else len(suite_tasks(suite))
+    n_episodes = len(conditions) * n_tasks * trials
+    plan = estimate(n_episodes, suite, max_steps, sim_step_s=sim_step_s, policy_call_s=policy_call_s, workers=max(1, workers),
+                    batch=max_batch)
+    typer.echo(f"{len(conditions)} conditions x {n_tasks} tasks x {trials} trials = {n_episodes} episodes; "
+               f"at most {plan['hours_upper_bound']:.1f} h ({plan['simulator_hours']:.1f} h of simulation over "
+               f"{max(1, workers)} worker(s), {plan['policy_hours']:.1f} h of policy calls at batch {max_batch}; "
+               f"assumed {sim_step_s} s/step, {policy_call_s} s/call)")
+    if dry_run:
+        return
+    deviations = {name: value for name, value, default in (
+        ("restrict_to_action_tokens", restrict_to_action_tokens, False), ("max_steps", max_steps, None),
+        ("camera_size", camera_size, 256)) if value != default}
+    report = run_sweep(LiberoEnv(cfg), spec, conditions, results, executor=executor,
+                       progress=progress_enabled(progress),
+                       run_info={"paper_grid": grid.to_dict(), "deviations_from_recipe": deviations,
+                                 "neurons": str(neurons) if neurons else "lens"})
+    typer.echo(str(report))
+    from ..reports.paper import markdown, paper_report
+    from ..rollout.records import jsonable
+    from ..rollout.store import ResultsStore
+
+    store = ResultsStore.open(results)
+    store.check()
+    out = paper_report(store)
+    (Path(results) / "paper.json").write_text(_json.dumps(jsonable(out), indent=1))
+    text = markdown(out)
+    (Path(results) / "paper.md").write_text(text)
+    typer.echo(text)
