@@ -72,29 +72,48 @@ class ActivationScale:
             raise InputError(f"cannot read an activation scale from {path}: {error}") from None
 
 
-def measure_activation_scale(vla, queries: Iterable[Any], percentile: float = 99.0, stack: str = "backbone",
-                             max_samples: int = 2_000_000, seed: int = 0, source: str = "",
-                             **predict_kwargs: Any) -> ActivationScale:
-    """Measure each layer's ``percentile`` of ``|mlp.act|`` over every forward of ``predict_action`` on
-    ``queries`` (neutral inputs: the model's ordinary regime). At most ``max_samples`` values per layer are kept
-    (a seeded uniform subsample), so a 7B model's calibration fits in memory."""
+def activation_percentiles(vla, queries: Iterable[Any], percentiles: Iterable[float] = (50.0, 90.0, 99.0, 99.9),
+                           stack: str = "backbone", max_samples: int = 2_000_000, seed: int = 0,
+                           **predict_kwargs: Any) -> tuple[dict[float, list[float]], int]:
+    """({percentile: [value per layer]}, samples per layer) of ``|mlp.act|`` over every forward of
+    ``predict_action`` on ``queries``; at most ``max_samples`` values per layer are kept (a seeded uniform
+    subsample), so a 7B model's calibration fits in memory."""
     queries = as_queries(queries)
+    percentiles = [float(p) for p in percentiles]
+    if not percentiles or not all(0 < p <= 100 for p in percentiles):
+        raise InputError(f"percentiles must be in (0, 100], got {percentiles}")
     num_layers = vla.stack_dims(stack)[0]
     pooled: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
     for query in queries:
         acts = read_activations(vla, query, stack=stack, **predict_kwargs)
         for layer, steps in acts.items():
-            pooled[layer].append(torch.cat([s.reshape(-1) for s in steps]).abs())
+            flat = torch.cat([s.reshape(-1) for s in steps]).abs()
+            if flat.numel() > max_samples:  # keep memory bounded per query too
+                flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(seed))[:max_samples]]
+            pooled[layer].append(flat)
     generator = torch.Generator().manual_seed(seed)
-    values, samples = [], 0
+    out: dict[float, list[float]] = {p: [] for p in percentiles}
+    samples = 0
     for layer in range(num_layers):
         flat = torch.cat(pooled[layer])
         if flat.numel() > max_samples:
             flat = flat[torch.randperm(flat.numel(), generator=generator)[:max_samples]]
         samples = int(flat.numel())
-        values.append(float(np.percentile(flat.numpy(), percentile)))
-    return ActivationScale(tuple(values), percentile=float(percentile), stack=stack, samples=samples,
-                           queries=len(queries), source=source)
+        values = np.percentile(flat.numpy(), percentiles)
+        for p, v in zip(percentiles, values):
+            out[p].append(float(v))
+    return out, samples
+
+
+def measure_activation_scale(vla, queries: Iterable[Any], percentile: float = 99.0, stack: str = "backbone",
+                             max_samples: int = 2_000_000, seed: int = 0, source: str = "",
+                             **predict_kwargs: Any) -> ActivationScale:
+    """Each layer's ``percentile`` of ``|mlp.act|`` over every forward of ``predict_action`` on ``queries``
+    (neutral inputs: the model's ordinary regime), as an :class:`ActivationScale`."""
+    queries = as_queries(queries)
+    values, samples = activation_percentiles(vla, queries, (percentile,), stack, max_samples, seed, **predict_kwargs)
+    return ActivationScale(tuple(values[float(percentile)]), percentile=float(percentile), stack=stack,
+                           samples=samples, queries=len(queries), source=source)
 
 
 def rescale_mlps(vla, scale: ActivationScale, reference: float = 1.0) -> ActivationScale:

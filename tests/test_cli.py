@@ -173,3 +173,20 @@ def test_libero_paper_end_to_end_on_one_task(tmp_path):
 
     report = json.loads((tmp_path / "r" / "paper.json").read_text())
     assert report["fast_vs_slow"] and report["up_vertical"]
+
+
+@pytest.mark.skipif(not os.environ.get("MUJOCO_GL"), reason="LIBERO needs MUJOCO_GL (egl) for headless rendering")
+def test_scale_measures_percentiles_on_libero_prompts(tmp_path):
+    """`nnsight-vla scale`: per-layer percentiles on LIBERO task prompts, and an ActivationScale usable as the
+    unit of alpha (read back, percentiles increasing)."""
+    pytest.importorskip("libero.libero")
+    from nnsight_vla.scale import ActivationScale
+
+    result = invoke("scale", "--out", str(tmp_path / "scale.json"), "--tasks", "0", "--percentiles", "50,99.9")
+    assert result.exit_code == 0, result.output
+    unit = ActivationScale.load(tmp_path / "scale.json")
+    assert unit.percentile == 99.0 and unit.queries == 1 and unit.num_layers == 4
+    import json
+
+    table = json.loads((tmp_path / "scale.percentiles.json").read_text())["percentiles"]
+    assert all(a <= b <= c for a, b, c in zip(table["50"], table["99"], table["99.9"]))

@@ -230,8 +230,8 @@ def paper(
     conditions = paper_conditions(sets, grid, seed=seed)
     n_tasks = len(cfg.tasks) if cfg.tasks else len(suite_tasks(suite))
     n_episodes = len(conditions) * n_tasks * trials
-    plan = estimate(n_episodes, suite, max_steps, sim_step_s=sim_step_s, policy_call_s=policy_call_s, workers=max(1, workers),
-                    batch=max_batch)
+    plan = estimate(n_episodes, suite, max_steps, sim_step_s=sim_step_s, policy_call_s=policy_call_s,
+                    workers=max(1, workers), batch=max_batch)
     typer.echo(f"{len(conditions)} conditions x {n_tasks} tasks x {trials} trials = {n_episodes} episodes; "
                f"at most {plan['hours_upper_bound']:.1f} h ({plan['simulator_hours']:.1f} h of simulation over "
                f"{max(1, workers)} worker(s), {plan['policy_hours']:.1f} h of policy calls at batch {max_batch}; "

@@ -159,3 +159,53 @@ def concepts(
         typer.echo(f"{neuron_set!r} -> {neuron_set.save(target)}")
         for score in neuron_set.meta.get("scores", [])[:10]:
             typer.echo(f"  L{score['layer']:>3} N{score['neuron']:>6}: {', '.join(map(repr, score['tokens'][:6]))}")
+
+
+@handled
+def scale(
+    out: Annotated[Path, typer.Option(help="the ActivationScale JSON to write (use it as steer:FILE@ALPHA~OUT)")],
+    family: Family = "openvla",
+    source: Source = None,
+    suite: Annotated[str, typer.Option(help="LIBERO suite whose task prompts and first frames are the inputs")]
+    = "libero_10",
+    tasks: Annotated[Optional[str], typer.Option(help="task ids: '0-9', '0,3,5' or all")] = None,
+    trials: Annotated[int, typer.Option(min=1, help="initial states per task (frames after the settle steps)")] = 1,
+    percentiles: Annotated[str, typer.Option(help="percentiles of |mlp.act| to report per layer")]
+    = "50,90,99,99.9",
+    percentile: Annotated[float, typer.Option(help="the percentile that becomes the unit of alpha in --out")] = 99.0,
+    dtype: Annotated[Optional[str], typer.Option(help="weight dtype, e.g. bfloat16 for a 7B model on a GPU")] = None,
+    device: Device = None,
+    seed: Seed = 0,
+) -> None:
+    """Measure a model's activation scale: per-layer percentiles of |mlp.act| on LIBERO task prompts, so that
+    alpha can be compared across models (a gated MLP's activations have no fixed unit)."""
+    import json
+
+    from ..activations import Query
+    from ..envs.libero import LiberoConfig, first_frames, parse_task_range, suite_tasks
+    from ..scale import ActivationScale, activation_percentiles
+
+    wanted = sorted({float(p) for p in percentiles.split(",") if p.strip()} | {float(percentile)})
+    if source:
+        from .. import models
+
+        vla = models.load(family, source, dtype=dtype, device=device, dispatch=True)
+    else:
+        vla, _ = load_model(family, None, seed, device)
+    config = LiberoConfig(suite=suite, tasks=parse_task_range(tasks), trials=trials, camera_size=256)
+    queries = []
+    for task in suite_tasks(suite, config.tasks):
+        for frame in first_frames(config, task.task_id, trials):
+            queries.append(Query({name: frame for name in vla.camera_names}, task.instruction,
+                                 None if vla.state_dim is None else [0.0] * vla.state_dim))
+    table, samples = activation_percentiles(vla, queries, wanted)
+    typer.echo("layer  " + "  ".join(f"p{p:g}".rjust(9) for p in wanted))
+    for layer in range(vla.num_layers):
+        typer.echo(f"{layer:>5}  " + "  ".join(f"{table[p][layer]:9.3f}" for p in wanted))
+    unit = ActivationScale(tuple(table[float(percentile)]), percentile=float(percentile), samples=samples,
+                           queries=len(queries), source=f"{suite} task prompts, first frames")
+    path = unit.save(out)
+    (path.with_suffix(".percentiles.json")).write_text(json.dumps(
+        {"percentiles": {f"{p:g}": v for p, v in table.items()}, "samples_per_layer": samples,
+         "queries": len(queries), "model": vla.describe()}, indent=1))
+    typer.echo(f"wrote {path} (alpha unit: p{percentile:g}) and {path.with_suffix('.percentiles.json')}")
