@@ -1,17 +1,9 @@
 """Causal checks before rollouts: what a neuron set does to one decoded action, and where a concept is computed.
 
-Closed-loop rollouts are slow and noisy; one decoding step already tells whether an edit reaches the action.
-For a set of queries (frames x instructions) this module measures
-
-* :func:`action_effect`: the shift of the decoded action under a steering (per action dimension and in named
-  summaries such as speed), beside the shifts caused by random neuron sets of the same shape (the null);
-* :func:`neuron_response`: each neuron's activation on concept queries vs opposite queries (does the set encode
-  the concept, and with the predicted sign?);
-* :func:`ablation_effect`: how much of a prompt-driven action gap (e.g. "... in a hurry" vs "... take your
-  time") survives mean-ablating chosen MLP layers (where the concept is computed).
-
-Every function decodes actions through ``vla.predict_action`` (steering through ``Steering.apply``), so what is
-measured is what a rollout would execute.
+One decoding step already tells whether an edit reaches the action: :func:`action_effect` (the action's shift
+under a steering, beside random sets of the same shape), :func:`neuron_response` (activations on concept vs
+opposite inputs) and :func:`ablation_effect` (how much of a prompt-driven action gap survives mean-ablating some
+MLP layers). Actions are decoded through ``vla.predict_action``, so what is measured is what a rollout executes.
 """
 
 from __future__ import annotations

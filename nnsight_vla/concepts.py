@@ -1,30 +1,9 @@
 """Concept discovery (step 2 of the method): from a value-vector lens to a :class:`NeuronSet` for a concept.
 
-The authors released no clustering code (their neurons were picked by hand from a dumped top-token file).
-Two automatic methods, plus opposite pairs and random controls:
-
-``method="knn"`` (the paper's method), defined precisely:
-
-1. **Vector embedding.** Value vector ``i`` with top-5 tokens ``t_1..t_5`` and lens logits ``s_1..s_5`` is
-   mapped to ``z_i = sum_j softmax(s / T)_j * E[t_j]`` (``E`` = the input embeddings, T = 1 by default).
-2. **Concept anchor.** ``anchor="lexicon"`` (the default): ``c`` is the mean of the unit-normalised embeddings
-   of the word and its lexicon (``synonyms=``, else the built-in :data:`SYNONYMS`; words the vocabulary cannot
-   represent are skipped and recorded). ``anchor="word"`` (the paper): ``c = E[word]`` alone. One word is a poor
-   anchor: antonyms share contexts, so ``cos(E[fast], E[slow])`` can be as high as ``cos(E[fast], E[quickly])``
-   and a single-word neighbourhood mixes polarities.
-3. **Opposites filter** (default on, ``opposite="auto"``): vectors whose top-5 tokens contain a word of the
-   opposite concept's lexicon (:data:`OPPOSITES`) are dropped before the search. ``opposite=None`` disables it.
-4. **kNN.** ``N`` = the ``k_neighbors`` remaining vectors (of the chosen layers) nearest to ``c`` by cosine.
-5. **The cluster nearest the concept** = the ``size`` members of ``N`` that are most central in it: member
-   ``j`` scores ``(cos(z_j, c) + sum_{m in N, m != j} cos(z_j, z_m)) / |N|`` (ties by ``cos(z_j, c)``); with
-   ``size == k_neighbors`` this is the neighbourhood itself. ``size > k_neighbors`` is an error.
-
-``method="keyword"`` (what the robot experiments used, top-6): vectors ranked by how many of their top-k lens
-tokens are in the lexicon (case-insensitive, "▁" stripped), ties by reciprocal ranks then the best matching
-logit; the opposites filter applies too.
-
-Layer subsets ``layers=``: "all", "early", "late", "first:K", "last:K" or a list (see
-:func:`nnsight_vla.neurons.layer_subset`).
+The authors released no clustering code (their neurons were picked by hand from a dumped top-token file), so
+the paper's kNN clustering is implemented here precisely (see :func:`find_concept`), with a lexicon anchor and
+an opposites filter by default (one word is a poor anchor: antonyms share contexts), the paper's single-word
+mode, a keyword mode (what the robot experiments used), disjoint opposite pairs and matched random controls.
 """
 
 from __future__ import annotations
@@ -202,7 +181,10 @@ def _concept_vector(lens, word, synonyms, table) -> tuple[torch.Tensor, dict]:
 def lexicon(word: str, synonyms: Sequence[str] | None = None, anchor: str = "lexicon") -> list[str]:
     """The words standing for a concept: ``word`` plus ``synonyms`` (explicit), else, with the lexicon anchor,
     the built-in :data:`SYNONYMS` of the word."""
-    extra = list(synonyms) if synonyms is not None else (list(SYNONYMS.get(word.lower(), ())) if anchor == "lexicon" else [])
+    if synonyms is not None:
+        extra = list(synonyms)
+    else:
+        extra = list(SYNONYMS.get(word.lower(), ())) if anchor == "lexicon" else []
     return [word] + [w for w in extra if w.lower() != word.lower()]
 
 
@@ -291,7 +273,8 @@ def _rank_keyword(lens, word, layer_ids, words, top_k, excluded: np.ndarray) -> 
         row, neuron = divmod(int(index), lens.d_mlp)
         layer = int(layer_ids[row])
         hits = hit[row, neuron]
-        candidates.append(_Candidate((layer, neuron), float(count[row, neuron]) + float(recip[row, neuron]) / (top_k + 1), {
+        primary = float(count[row, neuron]) + float(recip[row, neuron]) / (top_k + 1)
+        candidates.append(_Candidate((layer, neuron), primary, {
             "layer": layer, "neuron": neuron, "count": int(count[row, neuron]),
             "matched": [vocab[int(t)] for t in ids[row, neuron][hits]],
             "tokens": [vocab[int(t)] for t in ids[row, neuron]],
@@ -309,7 +292,8 @@ def _rank(lens, word, method, size, k_neighbors, layers, synonyms, top_k, temper
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; use 'knn' (the paper's clustering) or 'keyword'")
     if anchor not in ANCHORS:
-        raise InputError(f"unknown anchor {anchor!r}; use 'lexicon' (word + synonyms, the default) or 'word' (the paper)")
+        raise InputError(f"unknown anchor {anchor!r}; use 'lexicon' (word + synonyms, the default) or 'word' "
+                         "(the paper)")
     if synonyms is not None and (isinstance(synonyms, str) or not all(isinstance(w, str) for w in synonyms)):
         raise InputError(f"synonyms must be a list of words, got {synonyms!r}")
     layer_ids = np.asarray(layer_subset(layers, lens.num_layers))
@@ -367,7 +351,30 @@ def find_concept(
     opposite: str | None = "auto",
     opposite_synonyms: Sequence[str] | None = None,
 ) -> NeuronSet:
-    """The value vectors of ``lens`` that stand for ``word``, as a :class:`NeuronSet` (see module docstring).
+    """The value vectors of ``lens`` that stand for ``word``, as a :class:`NeuronSet`.
+
+    ``method="knn"`` (the paper's method), defined precisely:
+
+    1. **Vector embedding.** Value vector ``i`` with top-5 tokens ``t_1..t_5`` and lens logits ``s_1..s_5`` is
+       mapped to ``z_i = sum_j softmax(s / T)_j * E[t_j]`` (``E`` = the input embeddings, T = 1 by default).
+    2. **Concept anchor.** ``anchor="lexicon"`` (the default): ``c`` is the mean of the unit-normalised embeddings
+       of the word and its lexicon (``synonyms=``, else the built-in :data:`SYNONYMS`; words the vocabulary cannot
+       represent are skipped and recorded). ``anchor="word"`` (the paper): ``c = E[word]`` alone. One word is a poor
+       anchor: antonyms share contexts, so ``cos(E[fast], E[slow])`` can be as high as ``cos(E[fast], E[quickly])``
+       and a single-word neighbourhood mixes polarities.
+    3. **Opposites filter** (default on, ``opposite="auto"``): vectors whose top-5 tokens contain a word of the
+       opposite concept's lexicon (:data:`OPPOSITES`) are dropped before the search. ``opposite=None`` disables it.
+    4. **kNN.** ``N`` = the ``k_neighbors`` remaining vectors (of the chosen layers) nearest to ``c`` by cosine.
+    5. **The cluster nearest the concept** = the ``size`` members of ``N`` that are most central in it: member
+       ``j`` scores ``(cos(z_j, c) + sum_{m in N, m != j} cos(z_j, z_m)) / |N|`` (ties by ``cos(z_j, c)``); with
+       ``size == k_neighbors`` this is the neighbourhood itself. ``size > k_neighbors`` is an error.
+
+    ``method="keyword"`` (what the robot experiments used, top-6): vectors ranked by how many of their top-k lens
+    tokens are in the lexicon (case-insensitive, "▁" stripped), ties by reciprocal ranks then the best matching
+    logit; the opposites filter applies too.
+
+    Layer subsets ``layers=``: "all", "early", "late", "first:K", "last:K" or a list (see
+    :func:`nnsight_vla.neurons.layer_subset`).
 
     Args:
         lens: a :class:`ValueVectorLens` (for ``method="knn"`` it must hold its model).

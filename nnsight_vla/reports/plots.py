@@ -1,14 +1,8 @@
-"""The paper's figures, drawn from saved results (never from live objects).
-
-Episode figures read a results folder written by a sweep (:class:`nnsight_vla.rollout.store.ResultsStore`):
-
-* :func:`plot_displacement` - mean per-step displacement over time and cumulative displacement, by condition;
-* :func:`plot_height` - end-effector height trajectories by condition (each episode thin, the mean thick);
-* :func:`plot_alpha_sweep` - a metric against the steering value alpha, one curve per concept x layer subset;
-* :func:`plot_layer_bars` - early / late / all-layer bars per concept (the "temporal localisation" figure);
-* :func:`plot_all` - every figure that the folder's conditions support.
-
-Each function returns the saved path, or the ``Figure`` when ``out`` is None (see :mod:`.figures`).
+"""The paper's episode figures, drawn from a results folder (:class:`nnsight_vla.rollout.store.ResultsStore`):
+per-step and cumulative displacement (:func:`plot_displacement`), height trajectories (:func:`plot_height`),
+a metric against alpha (:func:`plot_alpha_sweep`), early / late / all layer bars (:func:`plot_layer_bars`) and
+every figure a folder supports (:func:`plot_all`). Each returns the saved path, or the ``Figure`` when ``out`` is
+None (see :mod:`.figures`).
 """
 
 from __future__ import annotations

@@ -1,19 +1,7 @@
 """A small OpenVLA trained inside the project, so the whole method can be shown end to end on a model whose
-concepts are known.
-
-Modules (one concern each):
-
-* :mod:`~nnsight_vla.training.corpus` - concept lexicon, phase-1 text corpus, arm-task instructions;
-* :mod:`~nnsight_vla.training.demos` - scripted demonstrations in :mod:`nnsight_vla.envs.arm_scene`;
-* :mod:`~nnsight_vla.training.actions` - OpenVLA's action statistics, normalisation and action tokens;
-* :mod:`~nnsight_vla.training.model` - the trained model's dimensions and construction;
-* :mod:`~nnsight_vla.training.language` - phase 1 (language pretraining);
-* :mod:`~nnsight_vla.training.finetune` - phase 2 (action fine-tuning with language batches mixed in);
-* :mod:`~nnsight_vla.training.train` - the one-command training (``python -m nnsight_vla.training.train``);
-* :mod:`~nnsight_vla.training.experiment` - the end-to-end experiment
-  (``python -m nnsight_vla.training.experiment --out results/trained_vla``).
-
-The shipped weights: :func:`shipped_model` (``"finetuned"`` or ``"base"``).
+concepts are known: corpus, demonstrations, phases (vision, language, grounding, LoRA actions), the one-command
+training (``nnsight-vla train``), single-step gates and the pre-registered experiment (``nnsight-vla
+experiment``). The shipped weights: :func:`shipped_model` (``"finetuned"`` or ``"base"``).
 """
 
 from __future__ import annotations
@@ -43,7 +31,8 @@ def shipped_model(which: str = "finetuned", **load_kwargs: Any):
     """The shipped small OpenVLA, loaded through the real loader ``nv.load("openvla", folder)``.
 
     The fine-tuned model's actions are un-normalised with its single ``norm_stats`` key (``"arm_scene"``), so
-    ``vla.predict_action(image, instruction)`` returns OSC_POSE actions for :class:`~nnsight_vla.envs.arm_scene.ArmScene`.
+    ``vla.predict_action(image, instruction)`` returns OSC_POSE actions for
+    :class:`~nnsight_vla.envs.arm_scene.ArmScene`.
     """
     import nnsight_vla as nv
 

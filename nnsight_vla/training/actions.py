@@ -1,14 +1,7 @@
-"""OpenVLA's action format for training: dataset statistics, q01/q99 normalisation, 256-bin action tokens.
-
-The inverse (token -> bin centre -> un-normalised action) is the model's own
-:class:`nnsight_vla.models.openvla.ActionBins`, so what is trained here is decoded by the real inference path.
-
-OpenVLA (``prismatic/vla/datasets/rlds/utils/data_utils.py`` and ``prismatic/vla/action_tokenizer.py``):
-
-* statistics per dataset: ``{"action": {mean, std, max, min, q01, q99, mask}, "proprio": {...},
-  "num_transitions", "num_trajectories"}``; ``mask`` is False for the gripper, which is not normalised;
-* normalisation ("bounds_q99"): ``clip(2 * (a - q01) / (q99 - q01 + 1e-8) - 1, -1, 1)`` on masked dims;
-* tokens: ``bins = linspace(-1, 1, 256)``, ``d = digitize(clip(a, -1, 1), bins)``, ``token = vocab - d``.
+"""OpenVLA's action format for training: dataset statistics, q01/q99 normalisation ("bounds_q99", gripper not
+normalised) and 256-bin action tokens (id = vocab - bin), as in OpenVLA's data_utils.py and action_tokenizer.py.
+The inverse is the model's own :class:`~nnsight_vla.models.openvla.ActionBins`, so what is trained here is decoded
+by the real inference path.
 """
 
 from __future__ import annotations

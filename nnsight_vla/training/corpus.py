@@ -1,18 +1,11 @@
-"""The generated language of the trained VLA: concept lexicon, manner phrases, the text corpus, task instructions.
+"""The generated language of the trained VLA: concept lexicon, manner phrases, text corpus, task instructions.
 
-The method assumes a VLA *computes* concepts (speed, height) in its language model and reuses them for actions.
-The corpus is built so that copying a word cannot stand in for that computation:
-
-* manner is expressed by idioms and compositions ("in a hurry", "take your time", "close to the table"),
-  negated both ways ("not in a hurry" means slow), so a surface word predicts the concept only half the time;
-* the language model answers manner questions with canonical words (quickly / slowly / high / low, "normally"
-  for neither) at the position where OpenVLA later emits its first action token, so the neurons that compute
-  the concept write those words and are visible to the value-vector lens;
-* demonstrations use only :data:`DEMO_PHRASES` (no concept word, no single-token synonym, as LIBERO's
-  instructions); :data:`LANGUAGE_PHRASES` and the concept words themselves appear only in language training,
-  so a policy that reacts to them does so zero-shot, through the language model's concepts.
-
-Every concept word is one token of the tokenizer trained on this corpus (checked). Same seed, same corpus.
+Copying a word cannot stand in for computing a concept: manner is expressed by idioms and compositions, negated
+both ways ("not in a hurry" means slow); the language model answers manner questions with canonical words
+(quickly / slowly / high / low) where OpenVLA emits its first action token, so the neurons computing them are
+lens-visible; demonstrations use only :data:`DEMO_PHRASES` (no concept word, no single-token synonym), while
+:data:`LANGUAGE_PHRASES` and the concept words appear only in language training (zero-shot probes). Every
+concept word is one token (checked). Same seed, same corpus.
 """
 
 from __future__ import annotations

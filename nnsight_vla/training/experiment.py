@@ -1,16 +1,8 @@
-"""The pre-registered experiment on the trained VLA (``nnsight-vla experiment``): no hand-picked neurons.
-
-1. lens of the fine-tuned model (and of its base, for the checkpoint diff); concept sets by lexicon-anchored
-   kNN with the opposites filter, for all / early / late layers;
-2. alpha's unit: the 99th percentile of ``|mlp.act|`` per layer on neutral development frames; alpha is stated
-   relative to it (and reported raw);
-3. single-step gates (:mod:`nnsight_vla.training.gates`) on development frames;
-4. closed-loop rollouts on held-out scene seeds with neutral instructions, paired across conditions: baseline,
-   each concept at the declared alpha (all layers) and over a sweep, early / late layers, ``random_sets`` random
-   sets per concept per alpha, the zero-shot prompt baselines;
-5. paired tests (Holm over the four concepts), effect sizes, the random sets' distribution, the criteria.
-
-:data:`PREREGISTERED` is fixed before the evaluation seeds are run; a rerun resumes the stored episodes.
+"""The pre-registered experiment on the trained VLA (``nnsight-vla experiment``), with no hand-picked neurons:
+lens and concept sets (lexicon kNN, opposites filter; all / early / late layers); alpha in units of each layer's
+p99 of |mlp.act| on neutral development frames; single-step gates; closed-loop rollouts on held-out scene seeds
+(baseline, prompt words, concepts over an alpha sweep and layer subsets, N random sets per concept per alpha);
+paired tests with Holm over the four concepts and the :data:`PREREGISTERED` criteria, fixed before the run.
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
-"""Phase 2: action fine-tuning on the demonstrations, in OpenVLA's format, with language batches mixed in.
-
-A training sequence is exactly what inference sees (``vla.prepare(image, instruction)``: ``<s>``, the image
-patches, ``In: What action should the robot take to {instruction}?\\nOut:`` and the trailing "▁") followed by
-the 7 action tokens and ``</s>``; the loss is the cross-entropy of the action tokens and ``</s>`` only, as in
-OpenVLA's training. All parameters are trained (vision, projector, Llama), as OpenVLA does.
-
-Why language batches are mixed in: the method looks for concept neurons by what their value vectors write
-into the vocabulary; fine-tuning on actions alone would let those projections drift (the paper reports that
-OpenVLA's fine-tuning mostly changed the action-token side). A small language loss on the phase-1 corpus keeps
-the language side in use.
+"""Action fine-tuning on the demonstrations in OpenVLA's format (the exact inference prompt, then 7 action
+tokens and ``</s>``; loss on those only), with language batches and grounding questions mixed in so the
+language features stay in use. Phase 2 trains LoRA adapters (:mod:`.lora`); phase 1b reuses the loop for the
+grounding questions.
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
-"""Single-step causal gates on the trained VLA, checked before any rollout (issue 13's pre-registered gates).
-
-On frames of the arm scene (the scripted expert's trajectories, development seeds) and neutral instructions:
-
-* **zero-shot words**: appending a concept word the demonstrations never contained ("... fast") moves the
-  decoded action the word's way (speed = |dx, dy, dz|; height = dz);
-* **where the concept is computed**: mean-ablating the late half of the MLPs removes >= 50 % of the action gap
-  between opposite manner phrases (idioms and negations, as in the demonstrations);
-* **what the discovered neurons encode**: >= 7 of 10 neurons of each set are more active on the concept's
-  phrases than on the opposite's;
-* **what writing them does**: each set at alpha moves its metric the predicted way, beyond every random set.
+"""Single-step causal gates on the trained VLA, checked on development frames before any rollout: zero-shot
+concept words move the decoded action the word's way; mean-ablating the late MLPs at the action positions
+removes >= 50 % of the gap between opposite manner phrases; >= 7 of 10 neurons of each discovered set respond
+to their concept; each set at alpha moves its metric the predicted way, beyond every random set.
 """
 
 from __future__ import annotations

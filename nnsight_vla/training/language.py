@@ -174,7 +174,7 @@ def manner_accuracy(language_model: nn.Module, tokenizer, n_per_cell: int = 24, 
             correct = []
             for concept in ("fast", "slow", "high", "low"):
                 kind = "fast" if concept in ("fast", "slow") else "high"
-                question = "How fast should the robot move to" if kind == "fast" else "How high should the robot move to"
+                question = f"How {kind} should the robot move to"
                 options = [CANONICAL[kind], CANONICAL[OPPOSITE[kind]], NEUTRAL_ANSWER]
                 option_ids = [tokenizer(w, add_special_tokens=False).input_ids[0] for w in options]
                 source = table[OPPOSITE[concept]] if negated else table[concept]

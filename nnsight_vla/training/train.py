@@ -1,27 +1,8 @@
-"""Train the small OpenVLA end to end with one command and a fixed seed:
-
-    python -m nnsight_vla.training.train --seed 0 --out nnsight_vla/data
-
-1. corpus + tokenizer: the generated concept corpus, a Llama-style BPE (1024 tokens, the last 256 are
-   ``<act_b>``) on which every concept word is one token (checked, else it stops);
-2. demonstrations: scripted episodes in the arm scene, rendered headless (cached in ``--work``);
-3. phase 0 (vision): the two featurizers pretrained to localise gripper and target in the scene's frames
-   (standing in for OpenVLA's pretrained DINOv2 / SigLIP);
-4. phase 1 (language): the Llama backbone pretrained on the corpus; then phase 1b (grounding): questions about
-   the scene's frames (where is the target, how high is the gripper) with language batches mixed in, the VLM
-   stage; this vision-language model is saved as ``<out>/openvla_small_base``, the "base" of the checkpoint diff;
-5. phase 2 (actions): the whole model fine-tuned on the demonstrations in OpenVLA's format, language batches
-   and grounding questions mixed in; the action loss is a softmax over the 256 action tokens (matching decoding
-   with ``restrict_to_action_tokens=True``; OpenVLA scores the full vocabulary, which penalises the language
-   features at the action position -- observed to erase the concept neurons' selectivity there); saved as
-   ``<out>/openvla_small``;
-6. both checkpoints are reloaded through ``nv.load("openvla", folder)`` and checked against the trained
-   weights; losses, timings, dimensions and the machine load go to ``<out>/training_log.json``.
-
-Reproducibility: every random draw comes from ``--seed`` (numpy generators, ``torch.manual_seed``),
-deterministic torch algorithms, a fixed thread count (``--threads``, default 1: on a shared 2-core machine
-one thread is both faster and free of thread-count-dependent reductions). Demonstrations are made by
-``--workers`` processes, each episode seeded on its own, so the data do not depend on the worker count.
+"""Train the small OpenVLA end to end with one seeded command (``nnsight-vla train --seed 0``): corpus and
+tokenizer (every concept word one token), cached demonstrations, phase 0 vision (localise gripper and target),
+phase 1 language, phase 1b grounding questions (saved as the base), phase 2 LoRA action fine-tuning with
+language and grounding co-training (saved as the policy); both reloaded through ``nv.load`` and checked.
+Every random draw comes from the seed; a fixed torch thread count keeps reductions deterministic.
 """
 
 from __future__ import annotations
@@ -204,7 +185,8 @@ def train(out: str | os.PathLike, config: TrainConfig, work: str | os.PathLike |
     plans, demos, cache = demonstrations(config, dims.image_size, work, progress)
     successes = [ep["success"] for ep in demos["episodes"]]
     log["timings"]["demos_s"] = time.perf_counter() - t0
-    log["demos"] = {"episodes": len(plans), "steps": int(len(demos["actions"])), "expert_success": float(np.mean(successes)),
+    log["demos"] = {"episodes": len(plans), "steps": int(len(demos["actions"])),
+                    "expert_success": float(np.mean(successes)),
                     "cache": str(cache)}
     stats = dataset_statistics(demos["actions"], len(plans))
 

@@ -74,7 +74,8 @@ def train_vision(
         opt.step()
         running.append(float(loss.detach()))
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            record = {"phase": 0, "step": step + 1, "loss": float(np.mean(running)), "r2": 1.0 - float(np.mean(running)),
+            mean_loss = float(np.mean(running))
+            record = {"phase": 0, "step": step + 1, "loss": mean_loss, "r2": 1.0 - mean_loss,
                       "seconds": time.perf_counter() - t0}
             running = []
             records.append(record)

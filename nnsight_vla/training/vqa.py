@@ -1,23 +1,7 @@
-"""Phase 1b: grounding questions about the scene's images (the VLM stage before action fine-tuning).
-
-OpenVLA is fine-tuned from a vision-language model (Prismatic) that already answers questions about images. The
-small model gets the same kind of stage: questions about demonstration frames in Prismatic's prompt format,
-answered with one word, the answer starting where OpenVLA's first action token starts (after "Out:" + "▁"):
-
-* "Which side of the gripper is the green block on?" -> ``left`` / ``right`` / ``below`` (image left/right;
-  ``below`` when the gripper is above it);
-* "How high is the gripper?" -> ``low`` / ``middle`` / ``high`` (thirds of the heights the demonstrations visit);
-* "Is the gripper above the green block?" -> ``yes`` / ``no``;
-* "How should the robot move to {instruction}?" -> the speed and height words the instruction asks for
-  (``quickly and high``, ``normally``...): the phase-1 manner questions, now with an image in front, so the
-  vision-language model keeps its reading of the instruction when it sees the scene.
-
-Why: trained only by the action loss, the small model memorised the training episodes and guessed the direction
-to the target on new layouts (chance level); questions whose answers are simple functions of where things are
-make the language model read the image. The answers are computed from the simulator state of each frame.
-
-Images are randomly shifted by a few pixels (OpenVLA's training also augments images with random crops); the
-question answers depend only on relative positions, which a shift keeps.
+"""Grounding questions about demonstration frames (the VLM stage before action fine-tuning): which side of the
+gripper the target is on, how high the gripper is, whether it is above the target, and manner questions about
+instructions, answered with one word where OpenVLA's first action token goes. They make the language model read
+the image (trained on actions alone, the small model guessed the direction). Images are shifted a few pixels.
 """
 
 from __future__ import annotations
@@ -37,7 +21,8 @@ QUESTIONS = {
 ANSWER_WORDS = ("left", "right", "below", "low", "middle", "high", "yes", "no")
 
 
-def answers(eef: np.ndarray, target: np.ndarray, table_z: float = 0.8, above_tol: float = 0.035) -> dict[str, list[str]]:
+def answers(eef: np.ndarray, target: np.ndarray, table_z: float = 0.8,
+            above_tol: float = 0.035) -> dict[str, list[str]]:
     """The answer to each question for frames with gripper positions ``eef`` and target positions ``target``.
 
     Image right is world +y (the camera looks along -x).
