@@ -5,13 +5,10 @@ expert): its value vector is column ``neuron`` of ``down_proj.weight`` and its a
 ``mlp.act.output[..., neuron]``. Flat indices ``layer * d_mlp + neuron`` (the authors' YAML files) are accepted
 on input and converted.
 
-Layer subsets ("temporal localization" in the paper) are named:
-
-* ``"all"``: every layer;
-* ``"early"``: the first half of the stack, layers ``0 .. n//2 - 1``;
-* ``"late"``: the second half, layers ``n//2 .. n - 1`` (the authors' released clusters sit in 15..31 of 32);
-* ``"first:K"`` / ``"last:K"``: the first / last K layers;
-* an explicit list of layer indices (negative ones count from the end), or ``range``.
+The authors' released files (``dictionaries.yaml``) are read by :meth:`NeuronSet.load` with ``key=`` and
+``d_mlp=``: ``{name: {flat: [top tokens]}}`` (OpenVLA, d_mlp 11008) or ``{name: [flat, ...]}`` (pi0-FAST,
+d_mlp 16384); :meth:`NeuronSet.save_authors` writes our sets in the same format. Layer subsets: see
+:func:`layer_subset`.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -29,10 +26,20 @@ from . import files
 from .errors import IndexOutOfRangeError, InputError
 
 STACKS = ("backbone", "expert")
+#: keys under which a single-set file holds flat indices (with ``d_mlp``)
+_FLAT_KEYS = ("neurons", "indices", "flat")
+#: what an error about flat indices says about the widths
+_WIDTHS = "the MLP width, e.g. vla.d_mlp; 11008 for OpenVLA-7B, 16384 for pi0-FAST"
 
 
 def layer_subset(spec: Any, num_layers: int) -> list[int]:
-    """The sorted layer indices named by ``spec`` for a stack of ``num_layers`` layers (see module docstring)."""
+    """The sorted layers ``spec`` names in a stack of ``num_layers``: ``"all"``; ``"early"`` = first half
+    ``0..n//2-1``; ``"late"`` = second half ``n//2..n-1`` (OpenVLA 16..31, pi0-FAST 9..17); ``"first:K"`` /
+    ``"last:K"``; or a list of layers (negative count from the end).
+
+    The authors' code has no layer-subset option: a set's layers are the ones its hand-picked neurons sit in
+    (their OpenVLA files use layers 15..31). So ``"late"`` is not their split: their ``up_20`` has one neuron
+    in layer 15 and keeps 19 of 20 under ``"late"``; steer their sets with ``"all"`` to reproduce a run."""
     if num_layers < 1:
         raise InputError("a stack needs at least one layer")
     if spec is None or spec == "all":
@@ -157,7 +164,8 @@ class NeuronSet:
         return self._replace(tuple(p for p in self.pairs if p[0] in keep), name=f"{self.name}[{layers}]")
 
     def _replace(self, pairs, **changes) -> "NeuronSet":
-        data = dict(stack=self.stack, d_mlp=self.d_mlp, num_layers=self.num_layers, name=self.name, meta=dict(self.meta))
+        data = dict(stack=self.stack, d_mlp=self.d_mlp, num_layers=self.num_layers, name=self.name,
+                    meta=dict(self.meta))
         data.update(changes)
         return NeuronSet(tuple(pairs), **data)
 
@@ -206,7 +214,14 @@ class NeuronSet:
 
     @classmethod
     def from_dict(cls, data: dict) -> "NeuronSet":
-        """From :meth:`to_dict`'s format, or the authors' format ``{"neurons": [flat...], "d_mlp": N}``."""
+        """From :meth:`to_dict`'s format, flat indices ``{"neurons": [flat...], "d_mlp": N}``, or a reference to a
+        file ``{"file": PATH, "key": ENTRY, "d_mlp": N[, "num_layers": L]}`` (e.g. the authors'
+        ``dictionaries.yaml`` in a conditions file; read by :meth:`load`)."""
+        if not isinstance(data, Mapping):
+            raise InputError(f"a neuron set description is a mapping, got {type(data).__name__}")
+        if "file" in data and "pairs" not in data:
+            return cls.load(data["file"], d_mlp=data.get("d_mlp"), key=data.get("key"),
+                            stack=data.get("stack", "backbone"), num_layers=data.get("num_layers"))
         if "pairs" in data:
             return cls(tuple(tuple(p) for p in data["pairs"]), stack=data.get("stack", "backbone"),
                        d_mlp=data.get("d_mlp"), num_layers=data.get("num_layers"), name=data.get("name", ""),
@@ -232,28 +247,163 @@ class NeuronSet:
         return files.write_text(path, text)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, d_mlp: int | None = None) -> "NeuronSet":
-        """Read a file written by :meth:`save`, or an authors'-style YAML/JSON of flat indices
-        (a bare list of ints needs ``d_mlp``)."""
-        path = Path(path)
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
+    def load(cls, path: str | os.PathLike, d_mlp: int | None = None, *, key: str | None = None,
+             stack: str = "backbone", num_layers: int | None = None) -> "NeuronSet":
+        """Read a neuron file: :meth:`save`'s format, flat indices under ``neurons`` (with ``d_mlp``), a bare list of
+        flat indices, or the authors' ``dictionaries.yaml``: ``{name: {flat: [top tokens]}}`` (OpenVLA) or
+        ``{name: [flat, ...]}`` (pi0-FAST). Pick an entry with ``key=`` (or ``"FILE#KEY"``); flat indices
+        ``layer * d_mlp + neuron`` need ``d_mlp=``. ``stack`` / ``num_layers`` label sets read from flat indices."""
+        path, key = _split_key(Path(path), key)
+        data = _read_neuron_file(path)
+        if isinstance(data, Mapping) and ("pairs" in data or any(k in data for k in _FLAT_KEYS)):
+            if key is not None:
+                raise InputError(f"{path} holds a single neuron set; key={key!r} only selects an entry of a "
+                                 "dictionaries file")
+            if d_mlp is not None and "pairs" not in data:
+                data = {**data, "d_mlp": d_mlp}
+            if "pairs" not in data and "d_mlp" not in data:
+                raise InputError(f"{path} holds flat neuron indices without d_mlp; pass d_mlp= ({_WIDTHS})")
+            if "pairs" not in data:
+                data = {"stack": stack, "num_layers": num_layers, "name": path.stem, **data}
+            return cls.from_dict(data)
         if isinstance(data, list):
             if d_mlp is None:
-                raise InputError(f"{path} holds a bare list of flat indices; pass d_mlp= to convert them")
-            return cls.from_flat(data, d_mlp, name=path.stem)
-        if d_mlp is not None and "pairs" not in data:
-            data = {**data, "d_mlp": d_mlp}
-        return cls.from_dict(data)
+                raise InputError(f"{path} holds a bare list of flat indices; pass d_mlp= ({_WIDTHS})")
+            return cls.from_flat(_flat_ints(data, path.stem, path), int(d_mlp), stack=stack, num_layers=num_layers,
+                                 name=path.stem, meta={"source": str(path)})
+        if not isinstance(data, Mapping) or not data:
+            raise InputError(f"{path} is not a neuron file (expected pairs, flat indices or named dictionaries)")
+        if key is None and all(_is_int(k) for k in data):  # a single {flat: tokens} mapping
+            entry, name = data, path.stem
+        else:
+            entries = [str(k) for k in data]
+            if key is None:
+                filled = [str(k) for k, v in data.items() if v]
+                if len(filled) != 1:
+                    raise InputError(f"{path} holds several neuron dictionaries (the authors' format); pick one with "
+                                     f"key= or FILE#KEY (one of {filled})")
+                key = filled[0]
+            matches = [k for k in data if str(k) == str(key)]
+            if not matches:
+                raise InputError(f"{path} has no entry {key!r}; entries: {entries}")
+            entry, name = data[matches[0]], str(key)
+        if not entry:
+            raise InputError(f"neuron dictionary {name!r} in {path} is empty (the authors' no-op entry, like "
+                             "'blank'; for no intervention use the baseline condition)")
+        if not isinstance(entry, (Mapping, list, tuple)):
+            raise InputError(f"entry {name!r} of {path} must map flat neuron indices to tokens, or list flat indices")
+        flat = _flat_ints(list(entry), name, path)
+        if d_mlp is None:
+            raise InputError(f"entry {name!r} of {path} holds flat indices (layer * d_mlp + neuron); pass d_mlp= "
+                             f"({_WIDTHS})")
+        meta: dict = {"source": str(path), "key": name}
+        if isinstance(entry, Mapping):
+            meta["tokens"] = {str(k): list(v) if isinstance(v, (list, tuple)) else v for k, v in entry.items()}
+        return cls.from_flat(flat, int(d_mlp), stack=stack, num_layers=num_layers, name=name, meta=meta)
+
+    # -- the authors' format ----------------------------------------------------------------------------------
+
+    def to_authors(self, tokens: Mapping | Callable | None = None, *, as_list: bool = False) -> dict | list:
+        """This set as one entry of the authors' ``dictionaries.yaml``: ``{flat: [top tokens]}`` (their OpenVLA
+        layout) or, with ``as_list``, ``[flat, ...]`` (their pi0-FAST layout). ``tokens``: ``{(layer, neuron):
+        [...]}`` or a function of (layer, neuron); default: the lens tokens in ``meta`` (find_concept's scores,
+        or an imported entry's tokens), else ``[]``."""
+        flat = self.flat()
+        if as_list:
+            return flat
+        lookup = _token_lookup(self, tokens)
+        return {index: [str(t) for t in lookup(layer, neuron)] for index, (layer, neuron) in zip(flat, self.pairs)}
+
+    def save_authors(self, path: str | os.PathLike, name: str | None = None, *,
+                     tokens: Mapping | Callable | None = None, as_list: bool = False) -> Path:
+        """Write this set as entry ``name`` (default: its name) of an authors'-format dictionaries file (YAML, or
+        JSON by suffix), keeping the file's other entries; see :meth:`to_authors`. Read back with
+        ``NeuronSet.load(path, key=name, d_mlp=...)``, and by the authors' own loader."""
+        path = Path(path)
+        name = str(name or self.name or "").strip()
+        if not name:
+            raise InputError("an entry of a dictionaries file needs a name: pass name=")
+        if self.d_mlp is None:
+            raise InputError(f"neuron set {self.name!r} has no d_mlp: flat indices cannot be written")
+        yaml_file = path.suffix in (".yaml", ".yml")
+        if not yaml_file and path.suffix != ".json":
+            raise InputError(f"a dictionaries file ends in .yaml or .json, got {path.name}")
+        entries: dict = {}
+        if path.exists():
+            entries = _read_neuron_file(path) or {}
+            if not isinstance(entries, Mapping) or "pairs" in entries or not all(
+                    isinstance(v, (Mapping, list, tuple)) or v is None for v in entries.values()):
+                raise InputError(f"{path} exists and is not a dictionaries file ({{name: {{flat: tokens}}}}); "
+                                 "refusing to overwrite it")
+            entries = dict(entries)
+        entries[name] = self.to_authors(tokens, as_list=as_list)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if yaml_file:
+            import yaml
+
+            text = yaml.safe_dump(entries, sort_keys=False, allow_unicode=True, default_flow_style=None, width=1 << 20)
+        else:
+            text = json.dumps(entries, indent=1, ensure_ascii=False) + "\n"
+        return files.write_text(path, text)
 
     def __repr__(self) -> str:
         layers = ",".join(map(str, self.layers))
         return f"NeuronSet({self.name!r}, {len(self)} neurons, {self.stack}, layers [{layers}])"
+
+
+def _split_key(path: Path, key: str | None) -> tuple[Path, str | None]:
+    """``FILE#KEY`` -> (FILE, KEY) when FILE exists and the whole name does not."""
+    name = str(path)
+    if "#" in name and not path.exists():
+        file, _, inline = name.rpartition("#")
+        if key is not None and key != inline:
+            raise InputError(f"two keys for {file}: {inline!r} in the path and key={key!r}")
+        return Path(file), inline
+    return path, key
+
+
+def _read_neuron_file(path: Path) -> Any:
+    if not path.is_file():
+        raise InputError(f"neuron file {path} does not exist")
+    try:
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text)
+        return json.loads(text)
+    except Exception as error:  # noqa: BLE001 - any parse error is a bad file
+        raise InputError(f"could not parse neuron file {path}: {error}") from None
+
+
+def _is_int(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, np.integer)):
+        return True
+    return isinstance(value, str) and value.strip().lstrip("-").isdigit()
+
+
+def _flat_ints(values: list, name: str, path: Path) -> list[int]:
+    bad = [v for v in values if not _is_int(v)]
+    if bad:
+        raise InputError(f"entry {name!r} of {path} must hold flat neuron indices (ints); got {bad[:3]}")
+    return [int(v) for v in values]
+
+
+def _token_lookup(neurons: NeuronSet, tokens: Mapping | Callable | None) -> Callable[[int, int], list]:
+    if callable(tokens):
+        return lambda layer, neuron: list(tokens(layer, neuron))
+    if tokens is not None:
+        table = {tuple(map(int, k)): v for k, v in tokens.items()}
+        return lambda layer, neuron: list(table.get((layer, neuron), []))
+    table = {(int(s["layer"]), int(s["neuron"])): s.get("tokens", []) for s in neurons.meta.get("scores", [])
+             if isinstance(s, Mapping) and "layer" in s and "neuron" in s}
+    imported = neurons.meta.get("tokens") if isinstance(neurons.meta.get("tokens"), Mapping) else {}
+    for index, words in imported.items():
+        if _is_int(index) and neurons.d_mlp:
+            table.setdefault(divmod(int(index), neurons.d_mlp), words)
+    return lambda layer, neuron: list(table.get((layer, neuron), []) or [])
 
 
 def random_like(reference: NeuronSet, seed: int = 0, exclude: Iterable[tuple[int, int]] = ()) -> NeuronSet:

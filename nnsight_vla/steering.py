@@ -99,75 +99,35 @@ def prompt_baseline(instruction: str, word: str, template: str = PROMPT_TEMPLATE
 
 def load_neurons(path: str | os.PathLike, key: str | None = None, d_mlp: int | None = None,
                  stack: str = "backbone") -> NeuronSet:
-    """Read a neuron set from a YAML/JSON file.
+    """Read a neuron set from a YAML/JSON file (:meth:`NeuronSet.load`), checked to be for ``stack``.
 
-    Accepted layouts:
-
-    * :meth:`NeuronSet.save`'s (``pairs``), or flat indices under ``neurons`` with ``d_mlp``;
-    * a bare list of flat indices ``layer * d_mlp + i`` (needs ``d_mlp=``);
-    * the authors' intervention dictionaries: ``{name: {flat_index: [top tokens...]}, ...}`` -- pick one with
-      ``key=`` (e.g. ``"up_10"``; optional when the file holds one non-empty entry); needs ``d_mlp=`` (11008 for
-      OpenVLA-7B). A file that is a single ``{flat_index: tokens}`` mapping works too.
+    Accepted layouts: :meth:`NeuronSet.save`'s (``pairs``); flat indices under ``neurons`` with ``d_mlp``; a bare
+    list of flat indices ``layer * d_mlp + i``; the authors' dictionaries ``{name: {flat_index: [top tokens]}}``
+    (OpenVLA) or ``{name: [flat, ...]}`` (pi0-FAST), one entry picked with ``key=`` (optional when the file holds
+    one non-empty entry). Flat indices need ``d_mlp=`` (11008 for OpenVLA-7B, 16384 for pi0-FAST).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"neuron file {path} does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as error:  # noqa: BLE001 - any parse error is a bad file
-        raise InputError(f"could not parse neuron file {path}: {error}") from None
-    if isinstance(data, Mapping) and ("pairs" in data or any(k in data for k in ("neurons", "indices", "flat"))):
-        if key is not None:
-            raise InputError(f"{path} holds a single neuron set; key={key!r} only selects an entry of a dictionary file")
-        neurons = NeuronSet.load(path, d_mlp=d_mlp)
-        if neurons.stack != stack:
-            _stack_mismatch(neurons, stack, f"the set in {path}")
-        return neurons
-    if isinstance(data, list):
-        if d_mlp is None:
-            raise InputError(f"{path} holds a bare list of flat indices; pass d_mlp= (the model's MLP width)")
-        return NeuronSet.from_flat(data, int(d_mlp), stack=stack, name=path.stem, meta={"source": str(path)})
-    if not isinstance(data, Mapping) or not data:
-        raise InputError(f"{path} is not a neuron file (expected pairs, flat indices or named dictionaries)")
-    if key is None and all(_is_int(k) for k in data):
-        entry, name = data, path.stem
-    else:
-        names = [str(k) for k, v in data.items() if v]
-        if key is None:
-            if len(names) != 1:
-                raise InputError(f"{path} holds several neuron dictionaries; pick one with key= (one of {names})")
-            key = names[0]
-        if key not in data:
-            raise InputError(f"{path} has no entry {key!r}; entries: {list(map(str, data))}")
-        entry, name = data[key], str(key)
-    if not entry:
-        raise InputError(f"neuron dictionary {name!r} in {path} is empty")
-    flat = list(entry) if isinstance(entry, (Mapping, list, tuple)) else None
-    if flat is None or not all(_is_int(k) for k in flat):
-        raise InputError(f"entry {name!r} of {path} must map flat neuron indices to tokens, or list flat indices")
-    if d_mlp is None:
-        raise InputError(
-            f"entry {name!r} of {path} holds flat indices (layer * d_mlp + neuron); pass d_mlp= "
-            "(the MLP width, e.g. vla.d_mlp; 11008 for OpenVLA-7B)"
-        )
-    meta: dict = {"source": str(path), "key": key}
-    if isinstance(entry, Mapping):
-        meta["tokens"] = {str(k): v for k, v in entry.items()}
-    return NeuronSet.from_flat([int(k) for k in flat], int(d_mlp), stack=stack, name=name, meta=meta)
+    neurons = NeuronSet.load(path, d_mlp=d_mlp, key=key, stack=stack)
+    if neurons.stack != stack:
+        _stack_mismatch(neurons, stack, f"the set in {path}")
+    return neurons
 
 
-def _is_int(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
-        return True
-    return isinstance(value, str) and value.strip().lstrip("-").isdigit()
+def export_neurons(neurons: Any, path: str | os.PathLike, name: str | None = None, *, lens: Any = None,
+                   k: int | None = None, as_list: bool = False) -> Path:
+    """Write a neuron set (or a :class:`Steering`'s) as entry ``name`` of an authors'-format ``dictionaries.yaml``
+    (``{name: {flat: [top tokens]}}``; other entries kept). Tokens: each vector's top-``k`` from ``lens`` (a
+    :class:`~nnsight_vla.lens.ValueVectorLens` of the same model) when given, else the lens tokens in the set's
+    meta. ``as_list``: the pi0-FAST layout ``{name: [flat, ...]}``."""
+    neurons = getattr(neurons, "neurons", neurons)
+    if not isinstance(neurons, NeuronSet):
+        raise InputError(f"export_neurons needs a NeuronSet or a Steering, got {type(neurons).__name__}")
+    tokens = None
+    if lens is not None:
+        if (lens.d_mlp, lens.stack) != (neurons.d_mlp, neurons.stack):
+            raise InputError(f"the lens is of a {lens.stack} stack with d_mlp={lens.d_mlp}; the set "
+                             f"{neurons.name!r} is for the {neurons.stack} stack with d_mlp={neurons.d_mlp}")
+        tokens = lambda layer, neuron: lens.vector_tokens(layer, neuron, k)  # noqa: E731
+    return neurons.save_authors(path, name, tokens=tokens, as_list=as_list)
 
 
 def _stack_mismatch(neurons: NeuronSet, stack: str, what: str) -> None:
@@ -863,5 +823,5 @@ def _tl_hooks(steerings: Sequence[Steering], model: Any) -> list[tuple[str, Call
 
 __all__ = [
     "AppliedSteering", "MAX_ABS_ALPHA", "MODES", "PROMPT_TEMPLATE", "SCOPES", "Steering", "SteeringGroup", "forward_count",
-    "load_neurons", "pinned_activations", "prompt_baseline", "steering_from_dict",
+    "load_neurons", "export_neurons", "pinned_activations", "prompt_baseline", "steering_from_dict",
 ]
