@@ -1,18 +1,16 @@
 """The README's first command (``nnsight-vla demo``): the whole method on the shipped small OpenVLA, offline.
 
-1. load the trained model through the real loader (``nv.load("openvla", folder)``);
-2. the value-vector lens: top tokens of every FFN value vector, action-token share per layer;
-3. automatic concept discovery: the "fast" and "slow" neuron sets (kNN over the lens, no hand-picking);
-4. closed-loop rollouts in the MuJoCo arm scene on a neutral instruction: unsteered, steered with each set
-   (``mlp.act.output[..., S] = alpha`` over every forward), a random-neuron control, and the prompt baseline;
-5. a short results table (printed, and saved as CSV/JSON/Markdown) and the plots, in ``--out``.
-
-A few minutes on 2 cores. Rerunning with the same arguments reuses the saved episodes and lens cache.
+Lens (top tokens, action-token share), automatic concept sets for fast / slow / high / low (lexicon kNN with
+the opposites filter, no hand-picking), alpha in units of each layer's activation scale, and closed-loop
+rollouts in the MuJoCo arm scene on neutral instructions: baseline, each concept steered, a matched random set
+for each concept, and the prompt baseline of each word. A table (printed; CSV / JSON / Markdown) and figures go
+to ``--out``; rerunning resumes the stored episodes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -21,16 +19,12 @@ from typing import Optional
 from . import files
 from .errors import InputError
 
-CONCEPTS = ("fast", "slow")
-#: the paper's UR5 value; at its other value (4) the shipped model's binned actions barely move (README: results)
-DEMO_ALPHA = 10.0
+MARKER = ".nnsight-vla-demo"
+CONCEPTS = ("fast", "slow", "high", "low")
 
 
 def _stage(message: str, t0: float) -> None:
     print(f"[{time.perf_counter() - t0:6.1f}s] {message}", flush=True)
-
-
-MARKER = ".nnsight-vla-demo"
 
 
 def check_output_folder(out: str | os.PathLike) -> Path:
@@ -44,61 +38,50 @@ def check_output_folder(out: str | os.PathLike) -> Path:
     return out
 
 
-def run_demo(
-    seed: int = 0,
-    out: str | os.PathLike = "results/demo",
-    trials: int = 4,
-    max_steps: int = 30,
-    alpha: Optional[float] = None,
-    model: Optional[str] = None,
-    progress: bool = True,
-) -> dict:
-    """Run the pipeline and write its outputs to ``out``; returns the results dict (also in ``results.json``).
+def run_demo(seed: int = 0, out: str | os.PathLike = "results/demo", trials: int = 4, max_steps: int = 30,
+             alpha: Optional[float] = None, model: Optional[str] = None, progress: bool = True) -> dict:
+    """Run the demo (see the module docstring); returns the results (also in ``results.json``)."""
+    import torch
 
-    Args:
-        seed: the first scene seed (trial ``t`` uses scene ``1000 + seed + t``) and the random control's seed.
-        out: output folder (lens cache, neuron sets, episodes, tables, plots).
-        trials: episodes per condition.
-        max_steps: policy steps per episode.
-        alpha: the value written into the concept neurons (default: :data:`DEMO_ALPHA`).
-        model: a fine-tuned checkpoint folder of the same kind (default: the shipped one).
-        progress: progress bars.
-    """
-    import pandas as pd
-
-    import nnsight_vla as nv
-
-    from .concepts import find_opposites, random_control
+    from . import models
     from .envs.arm_scene import ArmRolloutConfig, ArmSceneEnv
-    from .rollout.conditions import baseline, prompt_baseline, steered
-    from .rollout.store import ResultsStore
-    from .rollout.sweep import run_sweep
     from .lens import ValueVectorLens
     from .reports.lens_plots import plot_action_share, plot_token_table
     from .reports.plots import plot_all
+    from .rollout.conditions import baseline, prompt_baseline, steered
+    from .rollout.stats import episode_values, paired
+    from .rollout.store import ResultsStore
+    from .rollout.sweep import run_sweep
+    from .scale import measure_activation_scale
     from .steering import Steering
     from .training import shipped_path
-    from .training.experiment import ExperimentConfig, episode_table, markdown_table, plot_key_effects, summary_rows
     from .training.corpus import TASK_BASES
+    from .training.experiment import CONCEPT_METRIC, OTHER_METRIC, ExperimentConfig, discover
+    from .training.gates import expert_frames, queries
 
     t0 = time.perf_counter()
     out = check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("results of `nnsight-vla demo`\n")
-    defaults = ExperimentConfig()
-    alpha = DEMO_ALPHA if alpha is None else float(alpha)
+    torch.set_num_threads(1)
+    defaults = ExperimentConfig(layer_subsets=())
+    alpha = defaults.alpha if alpha is None else float(alpha)
+    if not math.isfinite(alpha):
+        raise InputError(f"alpha must be finite, got {alpha}")
     model_path = str(Path(model or shipped_path("finetuned")).resolve())
-
-    vla = nv.load("openvla", model_path, dispatch=True)
+    vla = models.load("openvla", model_path, dispatch=True)
     _stage(f"loaded {vla.describe()}", t0)
 
     lens = ValueVectorLens(vla, k=defaults.lens_k, cache_dir=out / "lens", progress=progress)
     share = lens.action_token_share()
-    plot_action_share(lens, out / "plots" / "action_share.png")
+    base_path = shipped_path("base") if model is None else None
+    base_lens = ValueVectorLens(models.load("openvla", str(base_path), dispatch=True), k=defaults.lens_k,
+                                cache_dir=out / "lens", progress=progress) if base_path else None
+    plot_action_share(lens, out / "plots" / "action_share.png", base=base_lens)
     _stage("lens: action-token share of the top-10 tokens per layer: "
            + " ".join(f"L{int(r.layer)}={r.share:.2f}" for r in share.itertuples()), t0)
 
-    sets = dict(zip(CONCEPTS, find_opposites(lens, CONCEPTS, size=defaults.size, k_neighbors=defaults.k_neighbors)))
+    sets = discover(lens, defaults)["all"]
     for concept, nset in sets.items():
         nset.save(out / "neurons" / f"{concept}.json")
         table = lens.top_tokens(neuron=None, layer=None, k=5)
@@ -106,49 +89,92 @@ def run_demo(
         table = table[[(l, n) in keep for l, n in zip(table.layer, table.neuron)]]
         plot_token_table(table, out / "plots" / f"tokens_{concept}.png", k=5,
                          title=f'value vectors found for "{concept}" (top-5 tokens; red: action token)')
-        words = [lens.vector_tokens(l, n, k=3) for l, n in nset.pairs[:4]]
-        _stage(f'concept "{concept}": {len(nset.pairs)} neurons in layers {sorted({l for l, _ in nset.pairs})}; '
-               f"top tokens of the first ones: {words}", t0)
+        words = [" ".join(t.strip("▁") for t in lens.vector_tokens(l, n, k=3)) for l, n in nset.pairs[:3]]
+        _stage(f'"{concept}": {len(nset)} neurons in layers {nset.layers}; first ones promote: {words}', t0)
+    scale = measure_activation_scale(vla, queries(expert_frames(defaults.gate_frames[:2], (0, 8))),
+                                     percentile=defaults.percentile, restrict_to_action_tokens=True)
+    scale.save(out / "activation_scale.json")
+    _stage(f"alpha = {alpha:g} x each layer's p{defaults.percentile:g} of |activation| = "
+           + ", ".join(f"L{l}: {alpha * v:.2f}" for l, v in enumerate(scale.values)), t0)
 
-    used = [p for s in sets.values() for p in s.pairs]
     conditions = [baseline()]
-    conditions += [steered(c, Steering(s, alpha=alpha), alpha=alpha, layers="all") for c, s in sets.items()]
-    control = random_control(sets["fast"], seed=seed, exclude=used)
-    conditions.append(steered("fast", Steering(control, alpha=alpha), alpha=alpha, layers="all", kind="control",
-                              name=f"random[fast]@a{alpha:g}/all"))
-    conditions.append(prompt_baseline("fast"))
-
+    for concept, nset in sets.items():
+        steering = Steering(nset, alpha, scale=scale, name=concept)
+        conditions.append(steered(concept, steering, alpha=alpha, layers="all", name=f"{concept}@a{alpha:g}"))
+    for i, (concept, nset) in enumerate(sets.items()):
+        control = Steering(nset, alpha, scale=scale, name=concept).random_control(seed + i)
+        conditions.append(steered(concept, control, alpha=alpha, layers="all", kind="control",
+                                  name=f"random[{concept}]@a{alpha:g}"))
+    conditions += [prompt_baseline(c) for c in CONCEPTS]
     rollout = ArmRolloutConfig(instructions=TASK_BASES, trials=trials, max_steps=max_steps, seed=1000 + seed,
                                image_size=int(vla.image_processor.image_size[0]))
-    _stage(f"rollouts: {len(conditions)} conditions x {trials} episodes x {max_steps} steps "
-           f"(neutral instructions; scene seeds {rollout.seed}..{rollout.seed + trials - 1})", t0)
-    run_sweep(ArmSceneEnv(rollout), vla, conditions, out / "episodes", progress=progress,
-              run_info={"demo": True})
+    _stage(f"rollouts: {len(conditions)} conditions x {trials} episodes x <= {max_steps} steps (neutral "
+           f"instructions; scene seeds {rollout.seed}..{rollout.seed + trials - 1})", t0)
+    run_sweep(ArmSceneEnv(rollout), vla, conditions, out / "episodes", progress=progress, run_info={"demo": True})
     store = ResultsStore.open(out / "episodes")
+    store.check()
 
-    rows = summary_rows(episode_table(store), conditions)
-    frame = pd.DataFrame(rows)
-    files.write_text(out / "results.csv", frame.to_csv(index=False))
-    text = markdown_table(rows)
-    files.write_text(out / "RESULTS.md", (
-        f"# nnsight-vla demo\n\nModel: `{model_path}`, alpha = {alpha:g}, {trials} episodes per condition, "
-        f"{max_steps} steps.\n\n{text}\n\nΔ% and p (Welch) are against the baseline; disp/step is the mean "
-        "end-effector displacement per step.\n"))
+    values = {m: episode_values(store, m) for m in ("mean_disp", "max_height_table", "success")}
+    rows = []
+    for cond in conditions:
+        concept = cond.concept if cond.concept in CONCEPTS else None
+        metric = CONCEPT_METRIC.get(concept or "", "mean_disp")
+        row = {"condition": cond.name, "kind": cond.kind,
+               "disp_mm": 1000 * _mean(values["mean_disp"][cond.name]),
+               "height_cm": 100 * _mean(values["max_height_table"][cond.name]),
+               "success": _mean(values["success"][cond.name])}
+        if cond.name != "baseline":
+            test = paired(values[metric], cond.name, "baseline")
+            row.update(metric=metric, pct=test["pct"], p=test["p"],
+                       other_pct=paired(values[OTHER_METRIC[metric]], cond.name, "baseline")["pct"])
+        rows.append(row)
+    files.write_text(out / "results.csv", _csv(rows))
+    files.write_text(out / "RESULTS.md", _markdown(rows, model_path, alpha, defaults.percentile, trials, max_steps))
     plots = [str(p) for p in plot_all(store, out / "plots")]
-    plots.append(str(plot_key_effects(rows, out / "plots" / "key_effects.png", alpha)))
-    results = {"model": model_path, "alpha": alpha, "trials": trials, "max_steps": max_steps, "seed": seed,
+    results = {"model": model_path, "alpha": alpha, "alpha_unit": scale.to_dict(), "trials": trials,
+               "max_steps": max_steps, "seed": seed, "rows": rows,
                "neurons": {c: [list(p) for p in s.pairs] for c, s in sets.items()},
-               "control": [list(p) for p in control.pairs], "rows": rows, "plots": plots,
-               "seconds": time.perf_counter() - t0}
+               "controls": {c.concept: [list(p) for p in c.steering.neurons.pairs] for c in conditions
+                            if c.kind == "control"},
+               "plots": plots, "seconds": time.perf_counter() - t0}
     files.write_text(out / "results.json", json.dumps(results, indent=1, default=float))
-
-    shown = frame[["condition", "kind", "episodes", "mean_disp", "mean_disp_pct", "max_height_table"]].copy()
-    shown["mean_disp"] = (1000 * shown["mean_disp"]).round(2)
-    shown["mean_disp_pct"] = shown["mean_disp_pct"].round(1)
-    shown["max_height_table"] = (100 * shown["max_height_table"]).round(1)
-    shown.columns = ["condition", "kind", "n", "disp/step (mm)", "vs baseline (%)", "max height (cm)"]
     print()
-    print(shown.to_string(index=False))
-    print()
-    _stage(f"wrote {out}/RESULTS.md, results.csv, results.json and {len(plots) + 3} plots in {out}/plots", t0)
+    print(_markdown(rows, model_path, alpha, defaults.percentile, trials, max_steps).split("\n\n", 2)[2])
+    _stage(f"wrote {out}/RESULTS.md, results.csv, results.json and {len(plots) + 1 + len(sets)} figures in "
+           f"{out}/plots", t0)
     return results
+
+
+def _mean(values: dict) -> float:
+    finite = [v for v in values.values() if v == v]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def _fmt(v, fmt: str) -> str:
+    return "" if v is None or v != v else format(v, fmt)
+
+
+def _markdown(rows: list[dict], model: str, alpha: float, percentile: float, trials: int, max_steps: int) -> str:
+    lines = [f"# nnsight-vla demo\n\nModel `{model}`; alpha = {alpha:g} x each layer's p{percentile:g} of "
+             f"|activation|; {trials} paired episodes per condition, <= {max_steps} steps.",
+             "Δ% is the condition's own metric (fast / slow: displacement per step; high / low: max height) "
+             "against the baseline, paired by trial; 'other' is the other metric's Δ%.",
+             "| condition | kind | disp/step (mm) | max height (cm) | success | Δ% | p | other Δ% |\n"
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines[-1] += (f"\n| {r['condition']} | {r['kind']} | {r['disp_mm']:.2f} | {r['height_cm']:.1f} | "
+                      f"{r['success']:.2f} | {_fmt(r.get('pct'), '+.1f')} | {_fmt(r.get('p'), '.2g')} | "
+                      f"{_fmt(r.get('other_pct'), '+.1f')} |")
+    return "\n\n".join(lines) + "\n"
+
+
+def _csv(rows: list[dict]) -> str:
+    import csv
+    import io
+
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
