@@ -1,61 +1,52 @@
 """The value-vector lens (Step 1 of the method): every FFN value vector projected onto the vocabulary.
 
-Column ``i`` of ``down_proj.weight`` in layer ``l`` is value vector ``w_{l,i}``; its projection is the
-norm-free logit lens ``logits = W_U @ w_{l,i}`` with ``W_U = vla.unembedding()`` (as in the paper and the
-authors' released code). :class:`ValueVectorLens` keeps the top-k token ids and scores of every vector of a stack.
-
-How it scales (OpenVLA-7B: 32 x 11008 vectors x 32064 vocab, ~9e13 FLOP):
-
-* vectors are streamed in chunks of ``chunk_size`` columns: one ``(chunk, d_model) @ (d_model, vocab)`` matmul
-  and a ``topk`` per chunk, so peak extra memory is ``O(chunk x vocab)``; ``vectors x vocab`` never exists;
-* it runs on the GPU when there is one (``device="cuda"``), with a tqdm progress bar;
-* results are cached on disk (NPZ arrays + a JSON sidecar) keyed by the checkpoint's identity
-  (``vla.model_key``), a fingerprint of the weights actually used, the stack, k and the number of rows;
-  a second call reads the cache. A corrupt or mismatching cache file is detected and rebuilt, never trusted.
-
-Rows of the unembedding that the tokenizer has no token for (Prismatic pads OpenVLA's 32001 tokens to 32064
-rows) are left out by default: they have no string and are never generated (``include_padding=True`` keeps them).
-
-Which stacks can be projected: the language backbone of every family. pi0's action expert has its own width
-(1024 vs the backbone's 2048) and no unembedding of its own, so no projection onto the vocabulary is defined
-for it; asking for it raises a clear error (the paper analyses the backbone only).
-
-Checkpoint diff (the paper's Fig. 3): :func:`checkpoint_diff` compares the lenses of two checkpoints of one
-architecture (e.g. base vs fine-tuned) per layer, per value vector and per token, split into action and
-language tokens.
+Column ``i`` of layer ``l``'s ``down_proj.weight`` is value vector ``w_{l,i}``; its projection is the norm-free logit
+lens ``W_U @ w_{l,i}`` with ``W_U = vla.unembedding()`` (as in the paper and the authors' code). Vectors are streamed
+in column chunks (one matmul and a top-k per chunk: peak memory ``O(chunk x vocab)``), on the GPU when there is one.
+:class:`ValueVectorLens` keeps the top-k ids and scores per vector, cached on disk by model key and a weight
+fingerprint (:mod:`.lens_cache`). Unembedding rows with no token (OpenVLA's padding) are left out by default. Only
+the language backbone has a projection (pi0's action expert has no unembedding). :func:`checkpoint_diff`
+(:mod:`.lens_diff`) compares two checkpoints' lenses.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
-from . import files
 from .errors import CheckpointError, IndexOutOfRangeError, InputError
+from .lens_cache import (
+    CACHE_FORMAT,
+    CACHE_VERSION,
+    IDENTITY_KEYS,
+    CacheWarning,
+    cache_key,
+    check_files,
+    clean_orphans,
+    default_cache_dir,
+    ensure_weights,
+    identity_of,
+    mismatch_message,
+    read_cache,
+    read_sidecar,
+    weight_fingerprint,
+    write_lens,
+    write_table,
+)
+from .lens_diff import CheckpointDiff, checkpoint_diff
 
-CACHE_FORMAT = "nnsight-vla value-vector lens"
-CACHE_VERSION = 1
+__all__ = [
+    "CACHE_FORMAT", "CACHE_VERSION", "CHUNK_BYTES", "CacheWarning", "CheckpointDiff", "ValueVectorLens",
+    "auto_chunk_size", "checkpoint_diff", "default_cache_dir", "default_device", "normalize_token", "project_topk",
+    "weight_fingerprint", "write_table",
+]
 #: per-chunk budget for the (chunk x vocab) logits block
 CHUNK_BYTES = {"cpu": 128 * 2**20, "cuda": 1024 * 2**20}
-
-
-class CacheWarning(UserWarning):
-    """A lens cache file was found but not used (corrupt, truncated or for other weights); it is rebuilt."""
-
-
-def default_cache_dir() -> Path:
-    """``$NNSIGHT_VLA_CACHE/lens`` or ``~/.cache/nnsight_vla/lens``."""
-    root = os.environ.get("NNSIGHT_VLA_CACHE") or Path.home() / ".cache" / "nnsight_vla"
-    return Path(root) / "lens"
 
 
 def default_device() -> str:
@@ -153,40 +144,6 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="chunk", disable=not enabled, leave=False)
 
 
-def weight_fingerprint(tensors: Iterable[torch.Tensor]) -> str:
-    """A cheap, exact fingerprint of weight tensors, the same on every device.
-
-    Each tensor's bit patterns, read as int16 (a 2-D ``(rows, cols)`` view), are summed per column and per row
-    residue mod 3 (rows 0, 3, 6...; 1, 4, 7...; 2, 5, 8...) in int64, in one pass: exact integer arithmetic, so
-    the result does not depend on summation order, thread count or device (the sums run where the weights
-    live: numpy on CPU, torch on GPU; ~85 ms per OpenVLA-7B layer in float32 on 2 CPU cores). The sums are
-    hashed with BLAKE2b together with shapes and dtypes. Any change of a single weight changes its column's
-    sums, so an edited or retrained model never matches an old cache entry. (A fingerprint, not a
-    cryptographic hash: e.g. swapping two rows whose distance is a multiple of 3 goes unnoticed.)
-    """
-    digest = hashlib.blake2b(digest_size=16)
-    with torch.no_grad():
-        for tensor in tensors:
-            tensor = tensor.detach()
-            digest.update(f"{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-            if tensor.device.type == "meta":
-                raise CheckpointError("the model's weights are not loaded (meta tensors); call vla.dispatch() first")
-            flat = tensor.reshape(tensor.shape[0], -1) if tensor.ndim != 2 else tensor
-            bits = flat.contiguous().view(torch.int8 if flat.element_size() == 1 else torch.int16)
-            rows, cols = bits.shape
-            full = rows - rows % 3
-            if bits.device.type == "cpu":  # numpy's integer reductions are much faster than torch's on CPU
-                array = bits.numpy()
-                sums = [array[:full].reshape(full // 3, 3 * cols).sum(0, dtype=np.int64),
-                        array[full:].sum(0, dtype=np.int64)]
-            else:
-                sums = [bits[:full].reshape(full // 3, 3 * cols).sum(0, dtype=torch.int64).cpu().numpy(),
-                        bits[full:].sum(0, dtype=torch.int64).cpu().numpy()]
-            for part in sums:
-                digest.update(np.ascontiguousarray(part, dtype="<i8").tobytes())
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the lens
 
@@ -236,7 +193,7 @@ class ValueVectorLens:
         self.model_key = vla.model_key
         self.num_layers, self.d_model, self.d_mlp = vla.stack_dims(stack)
         self.stack_attr = vla.stack(stack).attr
-        _ensure_weights(vla)
+        ensure_weights(vla)
         unembedding = vla.unembedding()
         rows, width = unembedding.shape
         if width != self.d_model:
@@ -259,16 +216,17 @@ class ValueVectorLens:
         self.fingerprint = weight_fingerprint(
             [vla.value_vectors(layer, stack) for layer in range(self.num_layers)] + [unembedding[: self.vocab_rows]]
         )
-        self.key = _cache_key(self.identity())
+        self.key = cache_key(self.identity())
         self.cache_path: Path | None = None
         self.from_cache = False
         self.compute_seconds = 0.0
         if cache_dir is not False:
             folder = Path(cache_dir) if cache_dir not in (None, True) else default_cache_dir()
             self.cache_path = folder / f"lens-{self.family or 'model'}-{stack}-k{self.k}-{self.key[:20]}.npz"
-            loaded = _read_cache(self.cache_path, self.identity(), strict=False)
+            clean_orphans(folder)
+            loaded = read_cache(self.cache_path, self.identity(), strict=False)
             if loaded is not None:
-                self.ids, self.scores, sidecar = loaded
+                self.ids, self.scores, _ = loaded
                 self.from_cache = True
                 return
         started = time.perf_counter()
@@ -313,28 +271,20 @@ class ValueVectorLens:
     # -- files -------------------------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the lens: ``path`` (NPZ: ``ids``, ``scores``) + ``path.json`` (identity, checksum, token strings,
-        action ids), both atomically. The NPZ is written first; the sidecar's SHA-256 of the arrays' contents
-        seals the pair (a content hash, not a file hash: two processes writing the same lens agree on it)."""
-        path = Path(path)
-        if path.suffix != ".npz":
-            raise InputError(f"a lens file must end in .npz, got {path.name}")
-        with files.atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, ids=self.ids, scores=self.scores)
+        """Write the lens: ``path`` (NPZ: ``ids``, ``scores``) + ``path.json`` (identity, token strings, action
+        ids), both atomically, the NPZ first. The sidecar's SHA-256 seals the arrays' contents and every sidecar
+        field but the timestamp (a content hash, not a file hash: two processes writing the same lens agree)."""
         used = np.unique(self.ids)
         sidecar = {
             **self.identity(),
             "family": self.family,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "include_padding": self.include_padding,
             "arrays": {"ids": ["int32", list(self.ids.shape)], "scores": ["float32", list(self.scores.shape)]},
-            "content_sha256": _content_sha256(self.ids, self.scores),
             "action_ids": [int(i) for i in self.action_ids],
             "action_note": self.action_note,
             "tokens": {str(int(i)): s for i, s in zip(used, self.token_strings(used))},
         }
-        files.write_text(_sidecar(path), json.dumps(sidecar) + "\n")
-        return path
+        return write_lens(Path(path), self.ids, self.scores, sidecar)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, vla=None) -> "ValueVectorLens":
@@ -346,20 +296,14 @@ class ValueVectorLens:
         concept method needs the model's input embeddings).
         """
         path = Path(path)
-        sidecar_path = _sidecar(path)
-        if not path.is_file() or not sidecar_path.is_file():
-            raise CheckpointError(f"no lens file at {path} (needs {path.name} and {sidecar_path.name})")
-        try:
-            sidecar = json.loads(sidecar_path.read_text())
-        except (OSError, ValueError) as error:
-            raise CheckpointError(f"lens sidecar {sidecar_path} is unreadable: {error}") from None
+        sidecar = read_sidecar(path)
         lens = cls.__new__(cls)
         if vla is not None:
-            expected = _identity_of(vla, sidecar)
+            expected = identity_of(vla, sidecar)
             lens_identity = {key: sidecar.get(key) for key in expected}
             if lens_identity != expected:
-                raise CheckpointError(_mismatch_message(path, sidecar, expected))
-        problem, arrays = _check_files(path, sidecar, sidecar)
+                raise CheckpointError(mismatch_message(path, sidecar, expected))
+        problem, arrays = check_files(path, sidecar, sidecar)
         if problem:
             raise CheckpointError(f"lens file {path} is corrupt: {problem}")
         lens.ids, lens.scores = arrays
@@ -377,7 +321,7 @@ class ValueVectorLens:
         lens.device, lens.progress, lens.chunk_size = default_device(), False, None
         lens.action_ids = np.asarray(sidecar.get("action_ids", []), dtype=np.int64)
         lens.action_note = sidecar.get("action_note", "")
-        lens.key = _cache_key({k: sidecar.get(k) for k in _IDENTITY_KEYS})
+        lens.key = cache_key({k: sidecar.get(k) for k in IDENTITY_KEYS})
         lens.cache_path, lens.from_cache, lens.compute_seconds = path, True, 0.0
         lens._vocab = None
         lens._token_strings = {int(i): s for i, s in sidecar.get("tokens", {}).items()}
@@ -534,285 +478,6 @@ class ValueVectorLens:
                 f"vocab {self.vocab_rows}, k={self.k}{', from cache' if self.from_cache else ''}{where})")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# cache internals
-
-_IDENTITY_KEYS = ("format", "version", "model_key", "fingerprint", "stack", "k", "vocab_rows", "num_layers", "d_mlp",
-                  "d_model", "dtype")
-
-
-def _cache_key(identity: dict) -> str:
-    return hashlib.blake2b(json.dumps(identity, sort_keys=True).encode(), digest_size=20).hexdigest()
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
-
-
-def _content_sha256(ids: np.ndarray, scores: np.ndarray) -> str:
-    digest = hashlib.sha256()
-    for array in (ids, scores):
-        digest.update(f"{array.dtype.str}{array.shape}".encode())
-        digest.update(np.ascontiguousarray(array).data)
-    return digest.hexdigest()
-
-
-def _check_files(path: Path, sidecar: dict, identity: dict) -> tuple[str, tuple | None]:
-    """'' and the arrays if the NPZ is readable, matches the expected shapes and its sidecar's content checksum,
-    else the problem."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            ids, scores = data["ids"], data["scores"]
-    except Exception as error:  # noqa: BLE001 - any unreadable file is simply corrupt
-        return f"unreadable ({type(error).__name__}: {error})", None
-    shape = (identity["num_layers"], identity["d_mlp"], identity["k"])
-    if ids.shape != shape or scores.shape != shape or ids.dtype != np.int32 or scores.dtype != np.float32:
-        return f"arrays have shapes {ids.shape}/{scores.shape}, expected {shape}", None
-    if sidecar.get("content_sha256") != _content_sha256(ids, scores):
-        return "checksum mismatch (the arrays changed after they were written)", None
-    if ids.size and (ids.min() < 0 or ids.max() >= identity["vocab_rows"]):
-        return "token ids outside the vocabulary", None
-    if not np.all(np.isfinite(scores)):
-        return "non-finite scores", None
-    return "", (ids, scores)
-
-
-def _read_cache(path: Path, identity: dict, strict: bool) -> tuple | None:
-    """The cached arrays, or None (with a :class:`CacheWarning` when a file existed but was unusable)."""
-    sidecar_path = _sidecar(path)
-    if not path.exists() and not sidecar_path.exists():
-        return None
-    try:
-        sidecar = json.loads(sidecar_path.read_text())
-        problem = "" if {k: sidecar.get(k) for k in identity} == identity else "it was computed from other weights"
-    except (OSError, ValueError) as error:
-        problem, sidecar = f"sidecar unreadable ({error})", None
-    arrays = None
-    if not problem:
-        problem, arrays = _check_files(path, sidecar, identity)
-    if problem:
-        if strict:
-            raise CheckpointError(f"lens cache {path}: {problem}")
-        warnings.warn(f"lens cache {path} is not usable ({problem}); rebuilding it", CacheWarning, stacklevel=3)
-        return None
-    return arrays[0], arrays[1], sidecar
-
-
-def _identity_of(vla, sidecar: dict) -> dict:
-    """The identity a file must carry to belong to ``vla`` (with the file's own stack, k and dtype)."""
-    stack = sidecar.get("stack", "backbone")
-    num_layers, d_model, d_mlp = vla.stack_dims(stack)
-    _ensure_weights(vla)
-    rows = int(sidecar.get("vocab_rows", 0))
-    fingerprint = weight_fingerprint(
-        [vla.value_vectors(layer, stack) for layer in range(num_layers)] + [vla.unembedding()[:rows]]
-    )
-    return {
-        "format": CACHE_FORMAT, "version": CACHE_VERSION, "model_key": vla.model_key, "fingerprint": fingerprint,
-        "stack": stack, "k": sidecar.get("k"), "vocab_rows": rows, "num_layers": num_layers, "d_mlp": d_mlp,
-        "d_model": d_model, "dtype": sidecar.get("dtype"),
-    }
-
-
-def _mismatch_message(path: Path, sidecar: dict, expected: dict) -> str:
-    differs = [key for key in expected if sidecar.get(key) != expected[key]]
-    lines = [f"lens file {path} was not computed from this model ({', '.join(differs)} differ):"]
-    for key in differs:
-        lines.append(f"  {key}: file has {sidecar.get(key)!r}, this model has {expected[key]!r}")
-    lines.append("a lens is only valid for the exact weights it was computed from; build ValueVectorLens(vla)")
-    return "\n".join(lines)
-
-
-def _ensure_weights(vla) -> None:
-    # nnsight builds real checkpoints on the meta device; the lens needs the actual weights
-    if not getattr(vla, "dispatched", True):
-        vla.dispatch()
-
-
 def _tokenizer_size(vla) -> int | None:
     tokenizer = getattr(vla, "tokenizer", None)
     return None if tokenizer is None else len(tokenizer)
-
-
-def write_table(frame, path: str | os.PathLike, meta: dict | None = None) -> Path:
-    """Write a DataFrame atomically as Parquet, CSV or JSON (by suffix). Parquet keeps ``meta`` in its schema
-    metadata; JSON writes ``{"meta": ..., "rows": [...]}``; CSV is the bare table."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".parquet", ".csv", ".json"):
-        raise InputError(f"unsupported table format {path.suffix!r}; use .parquet, .csv or .json")
-    if suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        arrow = pa.Table.from_pandas(frame, preserve_index=False)
-        if meta:
-            arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}),
-                                                   b"nnsight_vla": json.dumps(meta).encode()})
-        with files.atomic_path(path) as tmp:
-            pq.write_table(arrow, tmp)
-    elif suffix == ".csv":
-        with files.atomic_path(path) as tmp:
-            frame.to_csv(tmp, index=False)
-    else:
-        rows = json.loads(frame.to_json(orient="records"))
-        files.write_text(path, json.dumps({"meta": meta or {}, "rows": rows}) + "\n")
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# checkpoint diff
-
-
-@dataclass
-class CheckpointDiff:
-    """How the value-vector projections changed between two checkpoints of one architecture.
-
-    Tables (pandas DataFrames):
-        vectors: one row per value vector: layer, neuron, kept (top-k tokens present in both), gained_action,
-            gained_language, lost_action, lost_language, changed (k - kept) and, when both lenses still hold their
-            models, weight_change (``|w_tuned - w_base| / |w_base|``) and score_shift (mean change of the logits
-            of the base's top-k tokens: ``W_U' w' - W_U w`` at those tokens).
-        layers: one row per layer: mean kept fraction, vectors changed, gained/lost action/language token
-            entries, action share of top-k tokens in base and tuned, and the share of gained entries that are
-            action tokens.
-        tokens: per layer and token: in how many vectors' top-k it appears in base and tuned, and the change.
-    """
-
-    base: ValueVectorLens
-    tuned: ValueVectorLens
-    vectors: Any
-    layers: Any
-    tokens: Any
-    meta: dict = field(default_factory=dict)
-
-    def top_vectors(self, n: int = 20, layer: int | None = None, by: str = "changed"):
-        """The value vectors that changed most (by "changed", "weight_change" or "score_shift")."""
-        frame = self.vectors if layer is None else self.vectors[self.vectors.layer == self.base.check_layer(layer)]
-        if by not in frame.columns:
-            raise InputError(f"unknown column {by!r}; use one of {', '.join(c for c in frame.columns if c not in ('layer', 'neuron'))}")
-        key = frame[by].abs() if by == "score_shift" else frame[by]
-        return frame.assign(_key=key).sort_values(["_key", "layer", "neuron"], ascending=[False, True, True]).drop(columns="_key").head(n)
-
-    def top_tokens(self, n: int = 20, layer: int | None = None, kind: str | None = None, direction: str = "gained"):
-        """Tokens that gained (or lost) most top-k appearances, optionally in one layer and of one kind
-        ("action" or "language")."""
-        frame = self.tokens
-        if layer is not None:
-            frame = frame[frame.layer == self.base.check_layer(layer)]
-        if kind not in (None, "action", "language"):
-            raise InputError(f"kind must be 'action', 'language' or None, got {kind!r}")
-        if kind is not None:
-            frame = frame[frame.is_action == (kind == "action")]
-        if direction not in ("gained", "lost"):
-            raise InputError(f"direction must be 'gained' or 'lost', got {direction!r}")
-        return frame.sort_values("delta", ascending=direction == "lost").head(n)
-
-    def export(self, folder: str | os.PathLike, fmt: str = "parquet") -> dict[str, Path]:
-        """Write the three tables to ``folder`` (``vectors.<fmt>``, ``layers.<fmt>``, ``tokens.<fmt>``)."""
-        folder = Path(folder)
-        return {name: write_table(getattr(self, name), folder / f"{name}.{fmt}", meta={**self.meta, "table": name})
-                for name in ("vectors", "layers", "tokens")}
-
-
-def checkpoint_diff(base: ValueVectorLens, tuned: ValueVectorLens, chunk_size: int = 1024) -> CheckpointDiff:
-    """Compare two lenses of the same architecture (e.g. a base VLM/VLA and its robot fine-tune).
-
-    Refuses lenses of different stacks, widths, vocabularies or k. Token-set changes are computed from the lenses
-    alone; weight and logit changes additionally need both lenses' models (``lens.vla``).
-    """
-    import pandas as pd
-
-    for name in ("stack", "num_layers", "d_mlp", "d_model", "vocab_rows", "k"):
-        if getattr(base, name) != getattr(tuned, name):
-            raise InputError(
-                f"cannot diff lenses of different architectures: {name} is {getattr(base, name)!r} in the base "
-                f"({base.family}, {base.num_layers} layers x {base.d_mlp} vectors, vocab {base.vocab_rows}, "
-                f"k={base.k}) but {getattr(tuned, name)!r} in the tuned lens ({tuned.family}, {tuned.num_layers} "
-                f"layers x {tuned.d_mlp} vectors, vocab {tuned.vocab_rows}, k={tuned.k})"
-            )
-    action = base.action_mask() | tuned.action_mask()
-    b, t = base.ids, tuned.ids
-    in_tuned = (b[..., :, None] == t[..., None, :]).any(-1)  # base token kept in tuned
-    in_base = (t[..., :, None] == b[..., None, :]).any(-1)
-    lost, gained = ~in_tuned, ~in_base
-    b_act, t_act = action[b], action[t]
-    L, N, k = b.shape
-    vectors = pd.DataFrame({
-        "layer": np.repeat(np.arange(L), N), "neuron": np.tile(np.arange(N), L),
-        "kept": in_tuned.sum(-1).reshape(-1),
-        "gained_action": (gained & t_act).sum(-1).reshape(-1), "gained_language": (gained & ~t_act).sum(-1).reshape(-1),
-        "lost_action": (lost & b_act).sum(-1).reshape(-1), "lost_language": (lost & ~b_act).sum(-1).reshape(-1),
-    })
-    vectors["changed"] = k - vectors["kept"]
-    if base.vla is not None and tuned.vla is not None:
-        weight_change, score_shift = _weight_changes(base, tuned, chunk_size)
-        vectors["weight_change"] = weight_change.reshape(-1)
-        vectors["score_shift"] = score_shift.reshape(-1)
-    by_layer = vectors.groupby("layer")
-    layers = pd.DataFrame({
-        "layer": np.arange(L),
-        "kept_fraction": by_layer["kept"].mean().to_numpy() / k,
-        "vectors_changed": by_layer["changed"].apply(lambda c: float((c > 0).mean())).to_numpy(),
-        **{col: by_layer[col].sum().to_numpy() for col in ("gained_action", "gained_language", "lost_action",
-                                                          "lost_language")},
-        "action_share_base": b_act.mean(axis=(1, 2)),
-        "action_share_tuned": t_act.mean(axis=(1, 2)),
-    })
-    gained_total = layers.gained_action + layers.gained_language
-    layers["gained_action_fraction"] = np.where(gained_total > 0, layers.gained_action / gained_total.clip(lower=1), 0.0)
-    tokens = _token_changes(base, tuned, action)
-    meta = {"base": {"model_key": base.model_key, "fingerprint": base.fingerprint},
-            "tuned": {"model_key": tuned.model_key, "fingerprint": tuned.fingerprint},
-            "stack": base.stack, "k": k}
-    return CheckpointDiff(base, tuned, vectors, layers, tokens, meta)
-
-
-def _token_changes(base: ValueVectorLens, tuned: ValueVectorLens, action: np.ndarray):
-    import pandas as pd
-
-    rows = []
-    V = base.vocab_rows
-    for layer in range(base.num_layers):
-        count_b = np.bincount(base.ids[layer].reshape(-1), minlength=V)
-        count_t = np.bincount(tuned.ids[layer].reshape(-1), minlength=V)
-        ids = np.nonzero(count_b != count_t)[0]
-        rows.append(pd.DataFrame({"layer": layer, "token_id": ids, "count_base": count_b[ids],
-                                  "count_tuned": count_t[ids], "delta": count_t[ids] - count_b[ids],
-                                  "is_action": action[ids]}))
-    frame = pd.concat(rows, ignore_index=True)
-    base_vocab, tuned_vocab = base._vocab_array(), tuned._vocab_array()
-    vocab = np.where(base_vocab != "", base_vocab, tuned_vocab)  # offline lenses each know their own tokens
-    frame.insert(2, "token", vocab[frame.token_id.to_numpy()] if len(frame) else [])
-    return frame
-
-
-def _weight_changes(base: ValueVectorLens, tuned: ValueVectorLens, chunk_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per vector: relative weight change and the mean logit change at the base's top-k tokens."""
-    _ensure_weights(base.vla)
-    _ensure_weights(tuned.vla)
-    device = torch.device(base.device)
-    rows = base.vocab_rows
-    weight_change = np.zeros((base.num_layers, base.d_mlp), dtype=np.float32)
-    score_shift = np.zeros_like(weight_change)
-    with torch.no_grad():
-        u_b = base.vla.unembedding()[:rows].detach().to(device, torch.float32)
-        u_t = tuned.vla.unembedding()[:rows].detach().to(device, torch.float32)
-        for layer in range(base.num_layers):
-            w_b_all = base.vla.value_vectors(layer, base.stack).detach()
-            w_t_all = tuned.vla.value_vectors(layer, tuned.stack).detach()
-            for start in range(0, base.d_mlp, chunk_size):
-                stop = min(start + chunk_size, base.d_mlp)
-                w_b = w_b_all[:, start:stop].to(device, torch.float32).T  # (chunk, d)
-                w_t = w_t_all[:, start:stop].to(device, torch.float32).T
-                norm = w_b.norm(dim=1).clamp_min(1e-12)
-                weight_change[layer, start:stop] = ((w_t - w_b).norm(dim=1) / norm).cpu().numpy()
-                ids = torch.as_tensor(base.ids[layer, start:stop], device=device, dtype=torch.long)
-                before = torch.einsum("ckd,cd->ck", u_b[ids], w_b)
-                after = torch.einsum("ckd,cd->ck", u_t[ids], w_t)
-                score_shift[layer, start:stop] = (after - before).mean(dim=1).cpu().numpy()
-    return weight_change, score_shift
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# CLI (mounted by nnsight_vla.cli as `nnsight-vla lens ...` and `nnsight-vla lens-diff ...`)

@@ -230,6 +230,126 @@ def test_lens_file_from_another_checkpoint_is_refused(tiny_openvla, tmp_path):
         ValueVectorLens.from_file(path)
 
 
+def _edit_sidecar(path, edit):
+    sidecar = path.with_name(path.name + ".json")
+    meta = json.loads(sidecar.read_text())
+    edit(meta)
+    sidecar.write_text(json.dumps(meta))
+
+
+def _rename_a_token(meta):
+    token_id = next(iter(meta["tokens"]))
+    meta["tokens"][token_id] = "▁EDITED"
+
+
+def _drop_an_action_id(meta):
+    assert meta["action_ids"], "the tiny OpenVLA flags action tokens"
+    meta["action_ids"] = meta["action_ids"][1:]
+
+
+def _add_an_action_id(meta):
+    meta["action_ids"] = sorted({*meta["action_ids"], 0})
+
+
+@pytest.mark.parametrize("edit", [_rename_a_token, _drop_an_action_id, _add_an_action_id])
+def test_lens_file_checksum_covers_tokens_and_action_ids(tiny_openvla, tmp_path, edit):
+    """The sidecar's token strings and action ids are what an offline lens (no model) shows and counts: an edited
+    one is refused like a flipped array byte, not trusted."""
+    lens = ValueVectorLens(tiny_openvla, cache_dir=False, progress=False)
+    path = lens.save(tmp_path / "lens.npz")
+    ValueVectorLens.from_file(path)  # intact: readable offline
+    _edit_sidecar(path, edit)
+    with pytest.raises(CheckpointError, match="corrupt.*checksum mismatch"):
+        ValueVectorLens.from_file(path)
+    with pytest.raises(CheckpointError, match="corrupt.*checksum mismatch"):
+        ValueVectorLens.from_file(path, tiny_openvla)
+
+
+@pytest.mark.parametrize("edit", [_rename_a_token, _drop_an_action_id])
+def test_cache_with_edited_sidecar_is_rebuilt(tiny_openvla, cache, edit):
+    good = ValueVectorLens(tiny_openvla, cache_dir=cache, progress=False)
+    _edit_sidecar(good.cache_path, edit)
+    with pytest.warns(CacheWarning, match="checksum mismatch.*rebuilding"):
+        rebuilt = ValueVectorLens(tiny_openvla, cache_dir=cache, progress=False)
+    assert not rebuilt.from_cache
+    offline = ValueVectorLens.from_file(rebuilt.cache_path)  # the rewritten pair is whole again
+    assert "▁EDITED" not in offline._token_strings.values()
+    np.testing.assert_array_equal(offline.action_ids, good.action_ids)
+
+
+def test_older_cache_version_is_named(tiny_openvla, tmp_path):
+    from nnsight_vla.lens_cache import content_sha256
+
+    lens = ValueVectorLens(tiny_openvla, cache_dir=False, progress=False)
+    path = lens.save(tmp_path / "lens.npz")
+
+    def as_version_1(meta):
+        meta["version"] = 1
+        meta["content_sha256"] = content_sha256(lens.ids, lens.scores, meta)  # even with a matching checksum
+
+    _edit_sidecar(path, as_version_1)
+    with pytest.raises(CheckpointError, match="version 1; this nnsight-vla reads version 2"):
+        ValueVectorLens.from_file(path)
+
+
+def test_orphan_temp_files_of_killed_writers_are_removed(tiny_openvla, cache):
+    """A writer SIGKILLed inside its atomic write leaves its hidden temp file; the next lens that opens the cache
+    folder removes it once it is past the grace period (its pid is dead), and leaves a live writer's alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from nnsight_vla.lens_cache import ORPHAN_GRACE_S
+
+    cache.mkdir(parents=True)
+    target = cache / "lens-openvla-backbone-k10-0123456789abcdef0123.npz"
+    writer = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\nfrom pathlib import Path\nfrom nnsight_vla import files\n"
+         "with files.atomic_path(Path(sys.argv[1])) as tmp:\n"
+         "    tmp.write_bytes(b'half a lens'); print('writing', flush=True); time.sleep(120)\n",
+         str(target)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(30)
+    (orphan,) = [p for p in cache.iterdir() if p.name.endswith(".tmp")]
+    assert orphan.name.startswith(f".{target.name}.{writer.pid}-")
+    fresh_orphan = cache / f".{target.name}.json.{writer.pid}-1.tmp"  # the same dead writer, just now
+    fresh_orphan.write_bytes(b"{")
+    live = cache / f".{target.name}.{os.getpid()}-1.tmp"  # a live writer (this process), long at work
+    live.write_bytes(b"in progress")
+    old = time.time() - ORPHAN_GRACE_S - 60
+    for path in (orphan, live):
+        os.utime(path, (old, old))
+    ValueVectorLens(tiny_openvla, cache_dir=cache, progress=False)
+    left = {p.name for p in cache.iterdir()}
+    assert orphan.name not in left
+    assert fresh_orphan.name in left and live.name in left
+
+
+def test_split_modules_keep_the_lens_names():
+    """lens.py was split (cache I/O, checkpoint diff); every public name still imports from nnsight_vla.lens."""
+    from pathlib import Path
+
+    import nnsight_vla.lens as lens_module
+    from nnsight_vla import lens_cache, lens_diff
+
+    for name in ("ValueVectorLens", "checkpoint_diff", "CheckpointDiff", "project_topk", "normalize_token",
+                 "CacheWarning", "default_cache_dir", "weight_fingerprint", "write_table", "auto_chunk_size",
+                 "CACHE_FORMAT", "CACHE_VERSION"):
+        assert hasattr(lens_module, name), name
+    assert lens_module.CheckpointDiff is lens_diff.CheckpointDiff
+    assert lens_module.CacheWarning is lens_cache.CacheWarning
+    for module in (lens_module, lens_cache, lens_diff):
+        assert len(Path(module.__file__).read_text().splitlines()) <= 600, module.__name__
+
+
 # -- bad input -----------------------------------------------------------------------------------------------
 
 
