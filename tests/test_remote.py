@@ -732,6 +732,128 @@ def test_happy_path_over_sockets_equals_local(vla, image, steer, caplog):
     assert SECRET not in caplog.text
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# the loopback stack (nnsight_vla.remote.stack): what really listens, and the refusal
+
+
+def _listeners_of_session(sid):
+    """(address, port, process name) of every TCP listener of a session, seen by psutil (not by the stack's own
+    /proc reader)."""
+    import os
+
+    import psutil
+
+    found = set()
+    for conn in psutil.net_connections("inet"):
+        if conn.status != psutil.CONN_LISTEN or conn.pid is None:
+            continue
+        try:
+            if os.getsid(conn.pid) == sid:
+                found.add((conn.laddr.ip, conn.laddr.port, psutil.Process(conn.pid).name()))
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return found
+
+
+def _loopback(address):
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+def test_ray_head_with_the_stacks_arguments_listens_on_loopback_only(monkeypatch):
+    """Ray head started exactly as the stack starts it (its `ray start` arguments and server environment), with this
+    venv's Ray: gcs_server, raylet (node + object manager), the agents and the workers all listen on loopback.
+    Before the fix gcs_server and raylet listened on all interfaces (::) and the runtime-env agent on the host's
+    external address. This venv's Ray is the minimal one (no Ray Client, no dashboard), so those two options are
+    left out here; tests/test_remote_server.py checks the whole stack with them."""
+    import shutil
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from nnsight_vla.remote import stack
+
+    home = Path(tempfile.mkdtemp(prefix="nvla-ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    monkeypatch.setenv("NVLA_NDIF_HOME", str(home))
+    monkeypatch.setenv("NVLA_NDIF_VENV", sys.prefix)
+    monkeypatch.setenv("NVLA_NDIF_PORT_BASE", "18700")
+    monkeypatch.setenv("NVLA_NDIF_CPU", "1")
+    cfg = stack._config()
+    for sub in ("run", "logs"):
+        (home / sub).mkdir(parents=True)
+    needs_extras = ("--ray-client-server-port", "--include-dashboard", "--dashboard-host", "--dashboard-port")
+    command = [arg for arg in stack._ray_command(cfg) if arg.split("=")[0] not in needs_extras]
+    assert f"--node-ip-address={stack.HOST}" in command
+    ports = cfg["ports"]
+    try:
+        sid = stack._spawn(cfg, "ray", command, stack._server_env(cfg))
+        expected = {ports[name] for name in ("ray_gcs", "ray_node_manager", "ray_object_manager",
+                                             "ray_runtime_env_agent")}
+        deadline = time.monotonic() + 120
+        while not expected <= {port for _, port, _ in _listeners_of_session(sid)} and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(3)  # the idle workers the raylet prestarts
+        listeners = _listeners_of_session(sid)
+        names = {name for _, _, name in listeners}
+        assert {"gcs_server", "raylet"} <= names, listeners
+        assert expected <= {port for _, port, _ in listeners}, listeners
+        exposed = sorted(entry for entry in listeners if not _loopback(entry[0]))
+        assert exposed == [], f"listening beyond loopback: {exposed}"
+        assert stack.check_listeners([sid]) == []  # the stack's own check agrees
+    finally:
+        stack._stop_service(cfg, "ray")
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@contextmanager
+def _listener_in_its_own_session(bind):
+    """A real process, in a new session as the stack starts its services, listening on ``bind``."""
+    import subprocess
+    import sys
+
+    code = ("import socket, sys, time\n"
+            "s = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)\n"
+            "s.bind((sys.argv[1], 0)); s.listen(); print(s.getsockname()[1], flush=True); time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, bind], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        port = int(proc.stdout.readline())
+        yield proc, port
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+def test_a_service_listening_beyond_loopback_is_refused_unless_firewalled(tmp_path, monkeypatch):
+    from nnsight_vla.errors import StackError
+    from nnsight_vla.remote import stack
+
+    external = [a for a in stack.host_addresses() if not _loopback(a)]
+    if not external:
+        pytest.skip("this host has no address beyond loopback: nothing to refuse")
+    with _listener_in_its_own_session("127.0.0.1") as (quiet, _):
+        assert stack.check_listeners([quiet.pid]) == []
+    for bind in ("0.0.0.0", "::"):
+        with _listener_in_its_own_session(bind) as (loud, port):
+            with pytest.raises(StackError, match=rf"on {bind}:{port}.*NVLA_NDIF_FIREWALLED=1"):
+                stack.check_listeners([loud.pid])
+            (entry,) = stack.check_listeners([loud.pid], firewalled=True)  # acknowledged: reported, not refused
+            assert (entry["address"], entry["port"], entry["pid"]) == (bind, port, loud.pid)
+    # up()'s own step: a recorded service found listening on all interfaces is stopped, and up() raises
+    monkeypatch.setenv("NVLA_NDIF_HOME", str(tmp_path))
+    monkeypatch.delenv("NVLA_NDIF_FIREWALLED", raising=False)
+    cfg = stack._config()
+    (tmp_path / "run").mkdir()
+    with _listener_in_its_own_session("0.0.0.0") as (loud, port):
+        (tmp_path / "run" / "api.pid").write_text(str(loud.pid))
+        with pytest.raises(StackError, match=f"0.0.0.0:{port}"):
+            stack._refuse_exposed(cfg, log=lambda _: None)
+        assert loud.wait(30) is not None  # stopped by the refusal
+        assert not (tmp_path / "run" / "api.pid").exists()
+
+
 def test_client_paths_never_import_the_server_shim():
     """Last in this file, after every client path above ran: the shim (ray + ndif) stayed out of the client."""
     import sys

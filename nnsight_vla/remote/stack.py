@@ -2,11 +2,12 @@
 
     python -m nnsight_vla.remote.stack up | status | down | install
 
-Stdlib only (importing it pulls in neither Ray nor ndif), so the slow tests and the CLI (:func:`stack_cli`) use
-it directly. The server runs in its own venv and imports nnsight-vla from this checkout via PYTHONPATH, so client
-and server run the same model code. Services: Redis, moto's S3, Ray with a declared GPU plus the NDIF controller,
-and ndif's API under gunicorn, each in its own session; ``down`` ends exactly those sessions, never by name.
-Configuration: the ``NVLA_NDIF_*`` environment variables read by :func:`_config`.
+Stdlib only (no Ray, no ndif imported). Redis, moto's S3, Ray with a declared GPU plus the NDIF controller, and
+ndif's API under gunicorn, each in its own session (``down`` ends exactly those). Every service listens on
+127.0.0.1: Ray's C++ servers have no bind option but bind loopback when the node IP is loopback, which single-node
+mode gives (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``). ``up`` then checks every listening socket of the stack and
+stops it if one is on another address of a host that has one, unless ``NVLA_NDIF_FIREWALLED=1`` says a firewall
+covers it. Configuration: the ``NVLA_NDIF_*`` variables read by :func:`_config`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import StackError
+from .sockets import host_addresses, is_loopback, listening_sockets
 
 HOST = "127.0.0.1"
 
@@ -54,7 +56,7 @@ SERVER_REQUIREMENTS = [
     "transformers==5.24.0",
     "accelerate==1.15.0",
     "peft==0.21.2",
-    "ray[default]==2.58.0",
+    "ray[default]==2.60.0",
     "redis==8.1.0",
     "boto3==1.44.8",
     "fastapi==0.165.0",
@@ -103,6 +105,8 @@ def _config() -> dict:
     NVLA_NDIF_EXEC_TIMEOUT  server-side execution timeout, seconds  [300]
     NVLA_NDIF_DTYPE       server default dtype                      [float32 on CPU, bfloat16 on GPU]
     NVLA_NDIF_EXTRA_PIP   extra pip requirements for the server venv (space separated)
+    NVLA_NDIF_FIREWALLED  "1": a firewall keeps other hosts off this machine's ports, so a service found
+                          listening beyond loopback is reported instead of refused (see check_listeners)  [0]
     """
     home = Path(os.environ.get("NVLA_NDIF_HOME", "/tmp/nvla-ndif"))
     base = int(os.environ.get("NVLA_NDIF_PORT_BASE", "18000"))
@@ -117,6 +121,7 @@ def _config() -> dict:
         "ports": {name: base + offset for name, offset in PORTS.items()},
         "exec_timeout": os.environ.get("NVLA_NDIF_EXEC_TIMEOUT", "300"),
         "dtype": os.environ.get("NVLA_NDIF_DTYPE", "float32" if cpu else "bfloat16"),
+        "firewalled": os.environ.get("NVLA_NDIF_FIREWALLED", "0") == "1",
     }
 
 
@@ -152,6 +157,11 @@ def _server_env(cfg: dict) -> dict:
             "NDIF_CONTROLLER_SYNC_INTERVAL_S": "30",
             "GRPC_ENABLE_FORK_SUPPORT": "0",  # see ndif's ray/start.sh
             "RAY_USAGE_STATS_ENABLED": "0",
+            # Single-node mode: Ray takes 127.0.0.1 as this node's IP (a plain `ray start` replaces a loopback
+            # --node-ip-address with the external one), so the GCS, raylet, object manager and worker gRPC servers,
+            # which bind all interfaces unless the node IP is 127.0.0.1, and the agents, which bind the node IP,
+            # all listen on loopback. Other nodes can then not join: a multi-node lab follows docs/remote.md §4.
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
             "TOKENIZERS_PARALLELISM": "false",
         }
@@ -292,6 +302,36 @@ def _stop_service(cfg: dict, name: str, grace: float = 15.0) -> None:
     pid_file.unlink(missing_ok=True)
 
 
+# ----------------------------------------------------------------------------- listening sockets
+
+def check_listeners(sessions: list[int], firewalled: bool = False) -> list[dict]:
+    """Every socket the processes of ``sessions`` listen on beyond loopback (``[]`` when all are loopback).
+
+    On a host with a non-loopback address such a socket is reachable from the network (Ray has no
+    authentication by default, Redis and the API none here): :class:`StackError` unless ``firewalled``.
+    """
+    pids = [pid for sid in sessions for pid in _session_members(sid)]
+    exposed = [entry for entry in listening_sockets(pids) if not is_loopback(entry["address"])]
+    external = [address for address in host_addresses() if not is_loopback(address)]
+    if exposed and external and not firewalled:
+        listed = ", ".join(f"{e['process']} (pid {e['pid']}) on {e['address']}:{e['port']}" for e in exposed)
+        raise StackError(
+            f"the NDIF stack must listen on loopback only, but {listed}; this host is reachable at "
+            f"{', '.join(external)}. Stopped. If a firewall keeps other hosts off these ports, set "
+            "NVLA_NDIF_FIREWALLED=1 to start anyway."
+        )
+    return exposed
+
+
+def _stack_sessions(cfg: dict) -> list[int]:
+    sessions = []
+    for name in SERVICES:
+        pid_file = _run_dir(cfg) / f"{name}.pid"
+        if pid_file.exists():
+            sessions.append(int(pid_file.read_text()))
+    return sessions
+
+
 # ----------------------------------------------------------------------------- readiness
 
 
@@ -400,6 +440,7 @@ def up(cfg: dict | None = None, timeout: float = 240.0, log=print) -> dict:
     cfg = cfg or _config()
     current = status(cfg)
     if current["connected"] and all(s["alive"] for s in current["services"].values()):
+        _refuse_exposed(cfg, log)
         return current
     down(cfg)  # a partial or stale stack: start from nothing
     install(cfg, log=log)
@@ -437,9 +478,21 @@ def up(cfg: dict | None = None, timeout: float = 240.0, log=print) -> dict:
     # /connected answers 200 once the dispatcher reached Ray and the Controller actor exists.
     _wait(cfg, "api", lambda: _http(f"http://{HOST}:{p['api']}/connected") == 200, timeout)
 
+    _refuse_exposed(cfg, log)
     result = status(cfg)
     result["startup_s"] = round(time.monotonic() - started, 1)
     return result
+
+
+def _refuse_exposed(cfg: dict, log) -> None:
+    """Stop the stack and raise when a service listens beyond loopback (see :func:`check_listeners`)."""
+    try:
+        exposed = check_listeners(_stack_sessions(cfg), firewalled=cfg["firewalled"])
+    except StackError:
+        down(cfg)
+        raise
+    if exposed:
+        log(f"warning: listening beyond loopback (NVLA_NDIF_FIREWALLED=1): {exposed}")
 
 
 def down(cfg: dict | None = None) -> None:
