@@ -118,6 +118,29 @@ def test_prompt_format(tiny_openvla, images):
     assert pixels.shape == (1, 6, 56, 56)
 
 
+def test_hub_prompt_is_used_as_is(tiny_openvla, images):
+    """An instruction that already is the hub's prompt is tokenized as the hub's processor + predict_action do."""
+    vla = tiny_openvla
+    wrapped = f"In: What action should the robot take to {INSTRUCTION}?\nOut:"
+    assert vla.prompt(wrapped) == wrapped
+    ids, _ = vla.prepare(images["a"], wrapped)
+    assert ids[0].tolist() == vla.tokenizer(wrapped).input_ids + [vla.tokenizer.convert_tokens_to_ids("▁")]
+    same = vla.predict_action(images["a"], INSTRUCTION)
+    np.testing.assert_array_equal(vla.predict_action(images["a"], wrapped), same)
+    for partial in ["In: What action should the robot take to pick up the bowl?", "pick up the bowl?\nOut:"]:
+        with pytest.raises(InputError, match="partly wrapped"):
+            vla.predict_action(images["a"], partial)
+
+
+def test_hub_keyword_arguments(tiny_openvla, images):
+    vla = tiny_openvla
+    plain = vla.predict_action(images["a"], INSTRUCTION, unnorm_key="tiny")
+    greedy = vla.predict_action(images["a"], INSTRUCTION, unnorm_key="tiny", do_sample=False)
+    np.testing.assert_array_equal(greedy, plain)
+    with pytest.raises(InputError, match="do_sample=True.*greedily"):
+        vla.predict_action(images["a"], INSTRUCTION, do_sample=True)
+
+
 def test_action_decoding_matches_published_formula(tiny_openvla):
     """Bins, clipping and un-normalisation, recomputed from the published formulas."""
     vla = tiny_openvla

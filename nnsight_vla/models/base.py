@@ -13,11 +13,13 @@ import ast
 import functools
 import json
 import os
+import re
 from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 import torch
+from nnsight.intervention.interleaver import OutOfOrderError
 from nnsight.modeling.mixins.remotable import Remotable
 from nnsight.tracing.tracer import WithBlockNotFoundError
 from torch import nn
@@ -25,7 +27,23 @@ from torch import nn
 from ..errors import CheckpointError, IndexOutOfRangeError, InputError
 from ..remote.backend import remote_backend
 from ..remote.keys import describe_checkpoint, rebuild_from_key
-from .checkpoints import move_strays_to_meta, realign_storage, repair_meta_device_context
+from .batching import (
+    Observation,
+    VLABatcher,
+    as_call,
+    batch_size,
+    combine_invokes,
+    concat_tensor_invokes,
+    is_raw,
+    split,
+)
+from .checkpoints import (
+    check_activations,
+    move_strays_to_meta,
+    realign_storage,
+    repair_meta_device_context,
+    validate_safetensors,
+)
 from .tree import Stack, check_activation_shapes, check_weight_shapes, install_uniform_tree, stack_shapes
 
 # Persistent ids of the per-model objects a remote request references instead of serialising.
@@ -103,6 +121,10 @@ class VLA(Remotable):
     attn_implementation: ClassVar[str | None] = None
     #: the family's load options as given (None: unset); set ones travel in the model key
     family_options: Mapping[str, Any] = MappingProxyType({})
+    #: options that may differ between the elements of a batch -> the dimensions of one element's value
+    per_element_options: ClassVar[Mapping[str, int]] = MappingProxyType({})
+    #: nnsight's batcher, which also scopes the numpy ``tracer.result`` to an invoke's rows
+    _batcher_class = VLABatcher
 
     def __init__(
         self,
@@ -170,6 +192,7 @@ class VLA(Remotable):
 
     def _load_weights(self, dtype: torch.dtype, device: Any) -> nn.Module:
         """The checkpoint in ``self.folder`` with real weights; default: transformers' ``from_pretrained``."""
+        validate_safetensors(self.folder)
         try:
             module = self.model_class.from_pretrained(
                 str(self.folder), dtype=dtype, attn_implementation=self.attn_implementation
@@ -183,8 +206,13 @@ class VLA(Remotable):
         module.eval()
         return module
 
+    def _activation_configs(self) -> list:
+        """The configs whose ``hidden_act`` builds modules (checked before building)."""
+        return [self.config]
+
     def _load_meta(self, source, revision=None, dtype=None, device=None, tiny=None, **_: Any) -> nn.Module:
         self._load_processors(source, revision=revision, tiny=tiny)
+        check_activations(self._activation_configs(), self.family)
         repair_meta_device_context()
         module = self._build(dtype=dtype, device=device, tiny=tiny, meta=True)
         return self._finish(move_strays_to_meta(module))
@@ -192,6 +220,7 @@ class VLA(Remotable):
     def _load(self, source, revision=None, dtype=None, device=None, tiny=None, **_: Any) -> nn.Module:
         if self.tokenizer is None:
             self._load_processors(source, revision=revision, tiny=tiny)
+            check_activations(self._activation_configs(), self.family)
         return self._finish(self._build(dtype=dtype, device=device, tiny=tiny, meta=False))
 
     def _wrap(self, module: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
@@ -301,17 +330,51 @@ class VLA(Remotable):
     # -- inference ----------------------------------------------------------------------------------------------
 
     @traceable
-    def predict_action(self, images: Any, instruction: str, state: Any = None, **kwargs: Any) -> np.ndarray:
+    def predict_action(self, images: Any, instruction: Any, state: Any = None, **kwargs: Any) -> np.ndarray:
         """Predict the next action (or action chunk) from camera image(s), an instruction and optional state.
 
-        Traceable: ``with vla.predict_action(...) as tracer:`` runs it interleaved with the block, and
-        ``for _ in tracer.iter[:]:`` applies the body to every forward pass that produces the action. Called
-        directly, it just runs (with any stored edits). See the family class for the exact inputs and outputs.
+        A batch: a list of instructions with a list of images entries (and of states) gives the actions stacked
+        on a leading axis, element i equal to the single call on observation i. Traceable: ``with
+        vla.predict_action(...) as tracer:`` runs it interleaved with the block (``tracer.iter[:]`` reaches every
+        forward that produces the action); ``tracer.invoke(...)`` blocks batch their observations.
         """
-        return self._predict_action(images, instruction, state=state, **kwargs)
+        per = {key: kwargs.pop(key) for key in list(kwargs) if key in self.per_element_options}
+        observations, batched = split(images, instruction, state, per, self.per_element_options)
+        actions = self._predict_batch(observations, **kwargs)
+        return actions if batched else actions[0]
 
-    def _predict_action(self, images: Any, instruction: str, state: Any = None, **kwargs: Any) -> np.ndarray:
+    def _predict_batch(self, observations: list[Observation], **kwargs: Any) -> np.ndarray:
+        """The actions (B, ...) of a batch of observations (each element as its single call)."""
         raise NotImplementedError
+
+    def forward_inputs(self, images: Any, instruction: Any, state: Any = None, **options: Any) -> dict:
+        """The module's keyword inputs for the first forward of ``predict_action`` on these observations (one,
+        or a batch: prompts padded as the family's published code pads them). ``vla.trace(image, instruction)``
+        runs exactly this forward."""
+        per = {key: options.pop(key) for key in list(options) if key in self.per_element_options}
+        return self._forward_batch(split(images, instruction, state, per, self.per_element_options)[0], **options)
+
+    def _forward_batch(self, observations: list[Observation], **options: Any) -> dict:
+        raise NotImplementedError
+
+    # -- nnsight's batching hooks: rows per invoke, and the one batched input of several invokes -----------------
+
+    def _batch_size(self, *inputs: Any, **kwargs: Any) -> int:
+        return batch_size(inputs, kwargs)
+
+    def _batch(self, invokes: list[tuple], fn: Any) -> tuple:
+        if not invokes:
+            return (), {}
+        if getattr(fn, "__name__", None) == "predict_action":
+            if len(invokes) == 1:
+                return invokes[0]
+            observations, shared = combine_invokes(invokes, self.per_element_options)
+            args, kwargs = as_call(observations, self.per_element_options)
+            return args, {**shared, **kwargs}
+        if not any(is_raw(args, kwargs) for args, kwargs in invokes):
+            return invokes[0] if len(invokes) == 1 else concat_tensor_invokes(invokes)
+        observations, shared = combine_invokes(invokes, self.per_element_options)
+        return (), self._forward_batch(observations, **shared)
 
     def interleave(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         if "remote" in kwargs or "backend" in kwargs:
@@ -320,7 +383,31 @@ class VLA(Remotable):
                 "remote= / backend= need a trace: `with vla.predict_action(..., remote=True) as tracer: "
                 "action = tracer.result.save()`, or nnsight_vla.remote.remote_predict_action(vla, ...)"
             )
-        return super().interleave(fn, *args, **kwargs)
+        try:
+            return super().interleave(fn, *args, **kwargs)
+        except OutOfOrderError as error:
+            message = self._never_run_message(str(error))
+            if message is None:
+                raise
+            raise InputError(message) from None
+
+    # -- modules that never run ------------------------------------------------------------------------------
+
+    def never_run(self) -> list[tuple[str, bool, str]]:
+        """Modules of the torch tree that no forward of this family runs: ``(path, whole subtree, why)``.
+
+        Reading one in a trace raises an InputError naming it (instead of nnsight's "already ran past it")."""
+        return []
+
+    def _never_run_message(self, error: str) -> str | None:
+        match = re.search(r"'model\.?(.*?)\.(?:output|input|inputs)(?:\.[^.']*)?' was requested", error)
+        if match is None:
+            return None
+        path = match.group(1)
+        for where, subtree, why in self.never_run():
+            if path == where or (subtree and path.startswith(where + ".")):
+                return f"{path} is not used by {self.family}: {why}; it never runs, so its .input/.output do not exist"
+        return None
 
     def images_by_camera(self, images: Any) -> list[Any]:
         """Normalise ``images`` (one array, a sequence in camera order, or a {camera: array} mapping) to a list
@@ -338,6 +425,7 @@ class VLA(Remotable):
             if len(images) != len(names):
                 raise InputError(
                     f"{self.family} needs {len(names)} camera image(s) ({', '.join(names)}), got {len(images)}"
+                    " (for a batch, pass a list of instructions with one images entry each)"
                 )
             return list(images)
         if len(names) != 1:

@@ -14,14 +14,16 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from huggingface_hub import snapshot_download, split_torch_state_dict_into_shards
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedConfig, PreTrainedModel
+from transformers.activations import ACT2FN
 
 from .. import files
 from ..errors import CheckpointError
@@ -134,7 +136,7 @@ class SafetensorsCheckpoint:
                 f"found {sorted(p.name for p in self.folder.iterdir()) if self.folder.is_dir() else 'no folder'}"
             )
         if weight_map is None:
-            handle = safe_open(str(self.folder / SAFE_SINGLE), framework="pt")
+            handle = open_safetensors(self.folder / SAFE_SINGLE)
             self._handles = {SAFE_SINGLE: handle}
             self.weight_map = {key: SAFE_SINGLE for key in handle.keys()}
         else:
@@ -145,7 +147,7 @@ class SafetensorsCheckpoint:
                     f"partial checkpoint in {self.folder}: the index lists {len(files)} shard file(s) but "
                     f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
                 )
-            self._handles = {name: safe_open(str(self.folder / name), framework="pt") for name in files}
+            self._handles = {name: open_safetensors(self.folder / name) for name in files}
             self.weight_map = dict(weight_map)
             for name, handle in self._handles.items():
                 present = set(handle.keys())
@@ -161,9 +163,76 @@ class SafetensorsCheckpoint:
             return self._handles[self.weight_map[key]].get_tensor(key)
         except KeyError:
             raise CheckpointError(f"tensor {key!r} is not in the checkpoint at {self.folder}") from None
+        except SafetensorError as error:
+            raise CheckpointError(f"cannot read {key!r} from {self.folder / self.weight_map[key]}: {error}") from None
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._handles[self.weight_map[key]].get_slice(key).get_shape())
+
+
+def open_safetensors(path: Path):
+    """``safe_open`` with a CheckpointError naming the file when it is truncated or not safetensors."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (truncated or corrupt? {error}); re-download or re-save it"
+        ) from None
+
+
+def validate_safetensors(folder: Path) -> None:
+    """Open every ``*.safetensors`` file of a checkpoint folder once (header and size), naming a broken one."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        open_safetensors(path)
+
+
+def check_activations(configs: Iterable, family: str) -> None:
+    """Refuse a ``hidden_act`` transformers cannot build, and a Gemma ``hidden_activation`` it would ignore."""
+    seen: set[int] = set()
+    pending = list(configs)
+    while pending:
+        config = pending.pop()
+        if id(config) in seen:
+            continue
+        seen.add(id(config))
+        pending += [v for v in vars(config).values() if isinstance(v, PreTrainedConfig)]
+        name = getattr(config, "model_type", type(config).__name__)
+        act = getattr(config, "hidden_act", None)
+        if isinstance(act, str) and act not in ACT2FN:
+            raise CheckpointError(
+                f"{family}: the {name} config asks for hidden_act={act!r}, which transformers does not implement "
+                f"(supported: {', '.join(sorted(ACT2FN))})"
+            )
+        other = getattr(config, "hidden_activation", None)
+        if other is not None and other != act and not (act == "gelu_pytorch_tanh" and other == "gelu"):
+            raise CheckpointError(
+                f"{family}: the {name} config sets hidden_activation={other!r} but the model is built with "
+                f"hidden_act={act!r} (transformers ignores hidden_activation); make them agree"
+            )
+
+
+def _numbers(values: Any, where: str) -> np.ndarray:
+    if not isinstance(values, (list, tuple)) or not values:
+        raise CheckpointError(f"{where} must be a non-empty list of numbers, got {values!r}")
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        raise CheckpointError(f"{where} must hold numbers only, got {values!r}")
+    array = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(array)):
+        raise CheckpointError(f"{where} holds NaN or infinite values: {values!r}")
+    return array
+
+
+def check_quantiles(stats: Any, where: str) -> int:
+    """Dataset statistics with ``q01`` and ``q99``: numbers, equal lengths, ``q01 <= q99``. Returns the length."""
+    if not isinstance(stats, Mapping) or "q01" not in stats or "q99" not in stats:
+        raise CheckpointError(f"{where} must hold q01 and q99 (the 1st and 99th percentiles)")
+    q01, q99 = _numbers(stats["q01"], f"{where}['q01']"), _numbers(stats["q99"], f"{where}['q99']")
+    if q01.shape != q99.shape:
+        raise CheckpointError(f"{where}: q01 has {q01.size} values but q99 has {q99.size}")
+    if np.any(q01 > q99):
+        dims = np.nonzero(q01 > q99)[0].tolist()
+        raise CheckpointError(f"{where}: q01 > q99 in dimension(s) {dims} (q01={q01.tolist()}, q99={q99.tolist()})")
+    return int(q01.size)
 
 
 def resolve_folder(source: str | os.PathLike, revision: str | None = None, patterns: Sequence[str] = ()) -> Path:

@@ -8,17 +8,21 @@ PI0 format; the forward structure, the ``lm_head`` and the noise are described o
 from __future__ import annotations
 
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import PI0Config, PI0ForConditionalGeneration, PI0Processor
 
 from ..errors import CheckpointError, InputError
 from .base import VLA, check_camera_names, check_instruction, positive_int
+from .batching import Observation
 from .checkpoints import load_tokenizer, read_config, read_json, resolve_folder, write_json_atomic
 from .paligemma import TINY_GEMMA, TINY_SIGLIP, PI0ImageProcessorPil, TiedUnembedding, build_paligemma_style_tokenizer
+from .outputs import check_finite
 from .paligemma_lens import pi0_backbone_bridge
 from .preprocessing import as_uint8_image
 from .registry import register
@@ -98,7 +102,10 @@ class PI0(VLA):
     actions are returned normalised (``action_dim`` = ``max_action_dim``).
 
     **Noise**: deterministic in ``seed`` (a CPU ``torch.Generator``), or pass ``noise``, so steered and unsteered
-    runs start from the same sample.
+    runs start from the same sample. In a batch, ``seed`` / ``noise`` may be one per element.
+
+    **Batches** pad prompts on the right with a mask (transformers' PI0 processor; positions from the mask).
+    Never run: the expert's token embedding and ``lm_head`` (:meth:`never_run`).
     """
 
     stacks = (
@@ -109,6 +116,7 @@ class PI0(VLA):
     camera_names = ("base", "wrist")
     model_class = PI0ForConditionalGeneration
     attn_implementation = "sdpa"
+    per_element_options = MappingProxyType({"seed": 0, "noise": 2})
 
     def __init__(self, source: Any = None, *, camera_names: Any = None, **kwargs: Any) -> None:
         if camera_names is not None:
@@ -276,47 +284,70 @@ class PI0(VLA):
         generator = torch.Generator().manual_seed(int(seed))
         return torch.randn(1, self.config.chunk_size, self.config.max_action_dim, generator=generator)
 
-    def _predict_action(
+    def _prefill(self, observations: list[Observation]) -> dict[str, torch.Tensor]:
+        """The batch's prefix inputs: each element through ``prepare``, prompts right-padded to one length."""
+        rows = [self.prepare(o.images, o.instruction, o.state) for o in observations]
+        limit = min(self.config.vlm_config.text_config.max_position_embeddings,
+                    self.config.dit_config.max_position_embeddings)
+        for row in rows:
+            used = int(row["attention_mask"].sum()) + 1 + self.config.chunk_size  # prefix, state token, chunk
+            if used > limit:
+                raise InputError(
+                    f"the prompt and image tokens, the state token and the {self.config.chunk_size}-action chunk need "
+                    f"{used} positions, more than pi0's max_position_embeddings ({limit}); shorten the instruction"
+                )
+        length = max(row["input_ids"].shape[1] for row in rows)
+        pad = {"input_ids": int(self.tokenizer.pad_token_id or 0), "attention_mask": 0}
+        return {
+            key: torch.cat([
+                F.pad(row[key], (0, length - row[key].shape[1]), value=pad[key]) if key in pad else row[key]
+                for row in rows
+            ])
+            for key in rows[0]
+        }
+
+    def _predict_batch(
         self,
-        images: Any,
-        instruction: str,
-        state: Any = None,
-        seed: int = 0,
-        noise: Any = None,
+        observations: list[Observation],
         num_steps: int | None = None,
         horizon: int | None = None,
         unnormalize: bool = True,
     ) -> np.ndarray:
-        """Run the flow: ``num_steps`` Euler steps from noise at t=1 to actions at t=0.
+        """Run the flow for a batch: ``num_steps`` Euler steps from noise at t=1 to actions at t=0.
 
-        Args:
-            images: ``{"base": img, "wrist": img}`` (``camera_names``) or a list in that order; HxWx3 uint8.
-            instruction: the task.
-            state: the robot state (``state_dim`` numbers, un-normalised; normalised with the checkpoint's stats).
-            seed: seeds the initial noise (ignored when ``noise`` is given).
-            noise: an explicit initial sample, shape (chunk_size, max_action_dim) or with a leading 1.
-            num_steps: denoising steps (default ``config.num_inference_steps``); one forward each.
-            horizon: return the first ``horizon`` actions of the chunk (1..chunk_size; default all).
-            unnormalize: map actions back with the checkpoint's ``actions_mean/std`` (default True).
-
-        Returns:
-            float32 array (horizon, action_dim).
+        Per observation: ``images`` (``{"base": img, "wrist": img}`` or a list in ``camera_names`` order),
+        ``state`` (``state_dim`` numbers, un-normalised), ``seed`` / ``noise`` (the initial sample, shape
+        (chunk_size, max_action_dim)). ``horizon``: the first actions of the chunk; ``unnormalize``: map back with
+        the checkpoint's ``actions_mean/std``. Returns float32 (B, horizon, action_dim).
         """
         horizon = self._horizon(horizon)
         steps = self._num_steps(num_steps)
-        inputs = self.prepare(images, instruction, state)
-        x = self._noise(noise, seed)
-        actions = self.denoise(inputs, x, steps)[0, :horizon, : self.action_dim].float().cpu().numpy()
+        inputs = self._prefill(observations)
+        x = torch.cat([self._noise(o.options.get("noise"), o.options.get("seed")) for o in observations])
+        actions = self.denoise(inputs, x, steps)[:, :horizon, : self.action_dim].float().cpu().numpy()
         if unnormalize and self.stats:
             mean = np.asarray(self.stats["actions_mean"], dtype=np.float32)
             std = np.asarray(self.stats["actions_std"], dtype=np.float32)
             actions = actions * (std + 1e-8) + mean  # inverse of PI0Processor.normalize
         return actions
 
-    def _noise(self, noise: Any, seed: int) -> torch.Tensor:
+    def _forward_batch(self, observations: list[Observation], **options: Any) -> dict[str, torch.Tensor]:
+        if options:
+            raise InputError(f"vla.trace(observation) takes only seed= / noise= for pi0, got {sorted(options)}")
+        inputs = self._prefill(observations)
+        dtype = next(self._module.parameters()).dtype
+        noise = torch.cat([self._noise(o.options.get("noise"), o.options.get("seed")) for o in observations])
+        return {
+            "state": inputs["state"].to(dtype), "noise": noise.to(dtype),
+            "timestep": torch.ones(len(observations), dtype=torch.float32), "input_ids": inputs["input_ids"],
+            "pixel_values": inputs["pixel_values"].to(dtype), "pixel_attention_mask": inputs["pixel_attention_mask"],
+            "attention_mask": inputs["attention_mask"],
+        }
+
+    def _noise(self, noise: Any, seed: Any) -> torch.Tensor:
         shape = (1, self.config.chunk_size, self.config.max_action_dim)
         if noise is None:
-            return self.sample_noise(seed)
+            return self.sample_noise(0 if seed is None else seed)
         x = torch.as_tensor(np.asarray(noise) if not isinstance(noise, torch.Tensor) else noise, dtype=torch.float32)
         if x.dim() == 2:
             x = x[None]
@@ -326,7 +357,7 @@ class PI0(VLA):
 
     def denoise(self, inputs: dict[str, torch.Tensor], noise: torch.Tensor, num_steps: int) -> torch.Tensor:
         """The flow loop (one root forward per step; step 0 also fills the prefix KV cache). Returns x at t=0
-        (1, chunk_size, max_action_dim), the same computation as transformers' ``sample_actions``."""
+        (B, chunk_size, max_action_dim), the same computation as transformers' ``sample_actions``."""
         self.dispatch()  # called directly (not through a trace) on a meta-built model: load the weights now
         model = self._module
         param = next(model.parameters())
@@ -346,10 +377,19 @@ class PI0(VLA):
                     pixel_attention_mask=inputs["pixel_attention_mask"], attention_mask=inputs["attention_mask"],
                     cache=cache, **prefix,
                 )
+                check_finite(out.logits, self.family, f"the flow velocity of denoising step {step}")
                 cache = out.cache
                 cache.crop(prefix_length - cache.get_seq_length())  # keep the prefix, drop this step's suffix
                 x = x + dt * out.logits
+        check_finite(x, self.family, "the action chunk")
         return x
+
+    def never_run(self) -> list[tuple[str, bool, str]]:
+        return [
+            ("model.dit.embed_tokens", True, "the action expert embeds noisy actions and the state, never token ids"),
+            ("unembed", True, "pi0 decodes no tokens; lm_head is the backbone's tied unembedding for the logit lens, "
+                              "which predict_action never runs (apply it yourself: vla.lm_head(hidden))"),
+        ]
 
     def _scan_call(self):
         model = self._module

@@ -21,9 +21,11 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 
 from ..errors import CheckpointError, InputError
 from .base import VLA, check_camera_names, check_instruction, positive_int
-from .checkpoints import load_tokenizer, read_config, read_json, resolve_folder, write_json_atomic
+from .batching import Observation, pad_rows, positions_from_mask
+from .checkpoints import check_quantiles, load_tokenizer, read_config, read_json, resolve_folder, write_json_atomic
 from .fast_tokenizer import FastActionTokenizer, FastDecodeError
 from .paligemma import TINY_GEMMA, TINY_SIGLIP, build_paligemma_style_tokenizer
+from .outputs import check_logits
 from .paligemma_lens import paligemma_bridge
 from .preprocessing import as_uint8_image, resize_with_pad
 from .registry import register
@@ -132,6 +134,9 @@ class PI0Fast(VLA):
     **Load options**: ``fast_tokenizer`` (another FAST folder or hub id), ``action_horizon`` / ``action_dim``
     (supply what the FAST config leaves unset), ``camera_names`` (default ``("base", "wrist")``),
     ``max_new_tokens`` (default: ``generation_config.max_new_tokens``, else 256).
+
+    **Batches** left-pad the prefixes with a mask, positions from the mask (openpi's ``left_to_right_align``);
+    each row stops at its own ``<eos>``, and ``vla.last_decodes`` lists every row's :class:`FastDecode`.
     """
 
     stacks = (Stack("backbone", "layers", "model.language_model.layers"),)
@@ -166,7 +171,8 @@ class PI0Fast(VLA):
             "camera_names": None if camera_names is None else list(self.camera_names),
             "max_new_tokens": max_new_tokens,
         }
-        self.last_decode: FastDecode | None = None
+        self.last_decode: FastDecode | list[FastDecode] | None = None
+        self.last_decodes: list[FastDecode] = []
         super().__init__(source, **kwargs)
 
     # -- loading -------------------------------------------------------------------------------------------
@@ -246,9 +252,8 @@ class PI0Fast(VLA):
                 f"vocabulary of {base} ids (embedding {embedding})"
             )
         for key in ("state", "actions"):
-            stats = (self.norm_stats or {}).get(key)
-            if self.norm_stats is not None and (stats is None or "q01" not in stats or "q99" not in stats):
-                raise CheckpointError(f"{NORM_STATS} needs q01 and q99 for {key!r} (openpi's quantile normalisation)")
+            if self.norm_stats is not None:
+                check_quantiles(self.norm_stats.get(key), f"{NORM_STATS} {key!r} (openpi's quantile normalisation)")
         if self.norm_stats and len(self.norm_stats["actions"]["q01"]) < self.action_dim:
             raise CheckpointError(
                 f"{NORM_STATS} has action statistics for {len(self.norm_stats['actions']['q01'])} dimensions, "
@@ -378,31 +383,70 @@ class PI0Fast(VLA):
         input_ids = torch.tensor([ids])
         return {"input_ids": input_ids, "pixel_values": pixel_values, "token_type_ids": torch.zeros_like(input_ids)}
 
+    def _prefill(self, observations: list[Observation], budget: int) -> dict[str, torch.Tensor]:
+        """The batch's prefill inputs: each element through ``prepare``, prefixes left-padded with a mask."""
+        rows, pixels = [], []
+        limit = self.config.text_config.max_position_embeddings
+        for obs in observations:
+            inputs = self.prepare(obs.images, obs.instruction, obs.state)
+            if inputs["input_ids"].shape[1] + budget - 1 > limit:
+                raise InputError(
+                    f"the prefix ({inputs['input_ids'].shape[1]} image and prompt tokens) and up to {budget} generated "
+                    f"tokens exceed pi0-fast's max_position_embeddings ({limit}); shorten the instruction or pass a "
+                    "smaller max_new_tokens"
+                )
+            rows.append(inputs["input_ids"][0].tolist())
+            pixels.append(inputs["pixel_values"])
+        input_ids, mask = pad_rows(rows, int(self.tokenizer.pad_token_id or 0), "left")
+        out = {"input_ids": input_ids, "pixel_values": torch.cat(pixels), "token_type_ids": torch.zeros_like(input_ids)}
+        if mask is not None:  # PaliGemma counts positions from 1
+            out.update(attention_mask=mask, position_ids=positions_from_mask(mask, start=1))
+        return out
+
+    def _forward_batch(self, observations: list[Observation], **options: Any) -> dict[str, torch.Tensor]:
+        if options:
+            raise InputError(f"vla.trace(observation) takes no options for pi0-fast, got {sorted(options)}")
+        inputs = self._prefill(observations, 1)
+        inputs["pixel_values"] = inputs["pixel_values"].to(next(self._module.parameters()).dtype)
+        return inputs
+
     def generate_tokens(
         self, images: Any, instruction: str, state: Any, max_new_tokens: int | None = None, stop_at_eos: bool = True
     ) -> np.ndarray:
         """Greedily generated vocabulary ids, one forward each (the prefill gives the first)."""
         budget = self._budget(max_new_tokens)
-        inputs = self.prepare(images, instruction, state)
+        return self._generate(self._prefill([Observation(images, instruction, state)], budget), budget, stop_at_eos)[0]
+
+    def _generate(self, inputs: dict[str, torch.Tensor], budget: int, stop_at_eos: bool) -> list[np.ndarray]:
+        """Each row's greedy ids (through its first ``<eos>`` when ``stop_at_eos``); one forward per step."""
         self.dispatch()  # called directly (not through a trace) on a meta-built model: load the weights now
         model = self._module
         param = next(model.parameters())
         eos = self.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, (list, tuple)) else [eos if eos is not None else self.tokenizer.eos_token_id])
-        tokens: list[int] = []
+        inputs = {k: v.to(param.device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
+        mask = inputs.get("attention_mask")
+        rows: list[list[int]] = [[] for _ in range(inputs["input_ids"].shape[0])]
+        done = [False] * len(rows)
         with torch.no_grad():
-            out = model(
-                input_ids=inputs["input_ids"].to(param.device),
-                token_type_ids=inputs["token_type_ids"].to(param.device),
-                pixel_values=inputs["pixel_values"].to(param.device, param.dtype), use_cache=True,
-            )
+            out = model(**inputs, use_cache=True)
             for step in range(budget):
-                next_id = out.logits[:, -1].float().argmax(dim=-1)
-                tokens.append(int(next_id[0]))
-                if step + 1 == budget or (stop_at_eos and tokens[-1] in eos):
+                active = [i for i, finished in enumerate(done) if not finished]
+                logits = out.logits[:, -1].float()
+                check_logits(logits, self.family, step, rows=active)
+                next_id = logits.argmax(dim=-1)
+                for i in active:
+                    rows[i].append(int(next_id[i]))
+                    done[i] = stop_at_eos and rows[i][-1] in eos
+                if step + 1 == budget or all(done):
                     break
-                out = model(input_ids=next_id[:, None], cache=out.cache, use_cache=True)
-        return np.asarray(tokens, dtype=np.int64)
+                step_inputs = {}
+                if mask is not None:  # a finished row's further tokens are computed but dropped
+                    mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                    step_inputs = {"attention_mask": mask, "position_ids": mask.sum(dim=1, keepdim=True)}
+                out = model(input_ids=next_id[:, None], cache=out.cache, use_cache=True, **step_inputs)
+        return [np.asarray(row, dtype=np.int64) for row in rows]
 
     def extract_actions(self, token_ids: Any, strict: bool = False) -> FastDecode:
         """Find ``Action: `` ... ``|`` in generated ids and FAST-decode the ids between them (normalised actions).
@@ -465,37 +509,29 @@ class PI0Fast(VLA):
         q01, q99 = (np.asarray(stats[k], dtype=np.float64)[: self.action_dim] for k in ("q01", "q99"))
         return (actions + 1.0) / 2.0 * (q99 - q01 + 1e-6) + q01
 
-    def _predict_action(
+    def _predict_batch(
         self,
-        images: Any,
-        instruction: str,
-        state: Any = None,
+        observations: list[Observation],
         horizon: int | None = None,
         max_new_tokens: int | None = None,
         stop_at_eos: bool = True,
         unnormalize: bool = True,
         strict: bool = False,
     ) -> np.ndarray:
-        """Generate FAST tokens greedily and decode them to an action chunk.
+        """Generate FAST tokens greedily for each observation and decode them to action chunks.
 
-        Args:
-            images: ``{"base": img, "wrist": img}`` (``camera_names``) or a list in that order; HxWx3 uint8.
-            instruction: the task.
-            state: the robot state (``state_dim`` numbers, un-normalised).
-            horizon: return the first ``horizon`` actions (1..action_horizon; default all).
-            max_new_tokens: decoding budget (default ``vla.max_new_tokens``); one forward per token.
-            stop_at_eos: stop at ``<eos>`` (default); False always runs ``max_new_tokens`` forwards.
-            unnormalize: apply the checkpoint's quantile statistics (default True).
-            strict: raise FastDecodeError for a sequence that does not decode, instead of the zero fallback.
-
-        Returns:
-            float64 array (horizon, action_dim). ``vla.last_decode`` holds the tokens and whether they decoded.
+        Per observation: ``images`` (``{"base": img, "wrist": img}`` or a list in ``camera_names`` order) and
+        ``state``. ``horizon``: the first actions of each chunk; ``max_new_tokens``: the decoding budget (one
+        forward per token); ``stop_at_eos=False`` always runs the whole budget; ``unnormalize``: the checkpoint's
+        quantile statistics; ``strict``: FastDecodeError instead of the zero fallback. Returns (B, horizon, dim).
         """
         horizon = self._horizon(horizon)
-        tokens = self.generate_tokens(images, instruction, state, max_new_tokens, stop_at_eos)
-        decoded = self.extract_actions(tokens, strict=strict)
-        self.last_decode = decoded
-        actions = decoded.actions[:horizon]
+        budget = self._budget(max_new_tokens)
+        tokens = self._generate(self._prefill(observations, budget), budget, stop_at_eos)
+        decodes = [self.extract_actions(row, strict=strict) for row in tokens]
+        self.last_decodes = decodes
+        self.last_decode = decodes[0] if len(decodes) == 1 else decodes
+        actions = np.stack([decoded.actions[:horizon] for decoded in decodes])
         return self.unnormalize(actions) if unnormalize else actions
 
     def _scan_call(self):

@@ -65,6 +65,12 @@ class OpenVLAConfig(PreTrainedConfig):
 
     def featurizer_configs(self) -> list[PreTrainedConfig]:
         """transformers configs of the (one or two) featurizers, from ``vision_configs`` or the timm ids."""
+        overrides = [o for o in (self.timm_override_act_layers or []) if o is not None]
+        if overrides:
+            raise CheckpointError(
+                f"timm_override_act_layers={self.timm_override_act_layers} is not supported (it would change the "
+                "vision towers' activation); published OpenVLA checkpoints have [null, null]"
+            )
         if self.vision_configs:
             specs = [(c["kind"], {k: v for k, v in c.items() if k != "kind"}) for c in self.vision_configs]
         else:

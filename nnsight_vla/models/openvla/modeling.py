@@ -118,12 +118,17 @@ class OpenVLAForActionPrediction(PreTrainedModel):
         cache: Any = None,
         use_cache: bool = False,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ):
         """A multimodal prefill (``pixel_values`` given: patches inserted after ``<s>``) or a text-only /
-        cached decode step. Returns transformers' ``CausalLMOutputWithPast`` (``.logits``, ``.cache``)."""
+        cached decode step. With a padding ``attention_mask`` (the whole sequence so far, text positions only
+        for the prefill) the position ids skip the padding. Returns ``CausalLMOutputWithPast``."""
         if pixel_values is None:
+            if attention_mask is not None and position_ids is None:
+                position_ids = _positions(attention_mask)[:, -input_ids.shape[1]:]
             return self.language_model(
-                input_ids=input_ids, cache=cache, use_cache=use_cache, attention_mask=attention_mask
+                input_ids=input_ids, cache=cache, use_cache=use_cache, attention_mask=attention_mask,
+                position_ids=position_ids,
             )
         if cache is not None:
             raise ValueError("a multimodal prefill cannot continue a cache")
@@ -133,4 +138,13 @@ class OpenVLAForActionPrediction(PreTrainedModel):
         if attention_mask is not None:
             ones = attention_mask.new_ones(attention_mask.shape[0], patches.shape[1])
             attention_mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
-        return self.language_model(inputs_embeds=embeds, use_cache=use_cache, attention_mask=attention_mask)
+            if position_ids is None:
+                position_ids = _positions(attention_mask)
+        return self.language_model(
+            inputs_embeds=embeds, use_cache=use_cache, attention_mask=attention_mask, position_ids=position_ids
+        )
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    # padding keeps its neighbour's position (it is masked); real tokens count 0, 1, 2, ... as in a single row
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -6,12 +6,15 @@ torchvision; :class:`ActionBins` maps action token ids to bin centres and un-nor
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import numpy as np
 import torch
 from PIL import Image
 from transformers import Dinov2WithRegistersConfig, PreTrainedConfig
 
 from ...errors import CheckpointError, InputError
+from ..checkpoints import check_quantiles
 from ..preprocessing import as_uint8_image
 
 PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
@@ -119,7 +122,7 @@ class ActionBins:
         self.n_bins = n_bins
         bins = np.linspace(-1, 1, n_bins)
         self.centers = (bins[:-1] + bins[1:]) / 2.0
-        self.norm_stats = norm_stats or {}
+        self.norm_stats = check_norm_stats(norm_stats)
 
     @property
     def token_ids(self) -> np.ndarray:
@@ -156,3 +159,24 @@ class ActionBins:
         low, high = np.asarray(stats["q01"]), np.asarray(stats["q99"])
         mask = np.asarray(stats.get("mask", np.ones_like(low, dtype=bool)))
         return np.where(mask, 0.5 * (normalized + 1) * (high - low) + low, normalized)
+
+
+
+def check_norm_stats(norm_stats: Any) -> dict:
+    """OpenVLA's ``norm_stats`` checked: per dataset ``action.q01 <= action.q99`` (numbers, equal lengths) and
+    an optional boolean ``mask`` of the same length. Returns it (``{}`` for None)."""
+    if norm_stats is None:
+        return {}
+    if not isinstance(norm_stats, Mapping):
+        raise CheckpointError(f"norm_stats must map dataset names to statistics, got {type(norm_stats).__name__}")
+    for key, entry in norm_stats.items():
+        action = entry.get("action") if isinstance(entry, Mapping) else None
+        where = f"norm_stats[{key!r}]['action']"
+        size = check_quantiles(action, where)
+        mask = action.get("mask")
+        if mask is not None:
+            if not isinstance(mask, (list, tuple)) or not all(isinstance(m, (bool, np.bool_)) for m in mask):
+                raise CheckpointError(f"{where}['mask'] must be a list of booleans, got {mask!r}")
+            if len(mask) != size:
+                raise CheckpointError(f"{where}['mask'] has {len(mask)} entries for {size} action dimensions")
+    return dict(norm_stats)
