@@ -34,14 +34,28 @@ DEFAULT_SUMMARIES: dict[str, Summary] = {
 }
 
 
-def decode(vla, queries: Iterable[Any], steering: Any = None, **predict_kwargs: Any) -> np.ndarray:
+def decode(vla, queries: Iterable[Any], steering: Any = None, batch_size: int = 32, **predict_kwargs: Any
+           ) -> np.ndarray:
     """The actions ``vla.predict_action`` returns for ``queries`` (stacked), under ``steering`` (anything with
-    ``apply(vla)``: a Steering, a SteeringGroup) or unsteered."""
+    ``apply(vla)``: a Steering, a SteeringGroup) or unsteered. Queries go in batches of ``batch_size`` (each
+    element equal to its single call); ``batch_size=1`` calls one by one."""
     queries = as_queries(queries)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
     context = steering.apply(vla) if steering is not None else contextlib.nullcontext()
+    out = []
     with context:
-        return np.stack([np.asarray(vla.predict_action(q.images, q.instruction, q.state, **predict_kwargs))
-                         for q in queries])
+        for start in range(0, len(queries), batch_size):
+            chunk = queries[start:start + batch_size]
+            if batch_size == 1:
+                out += [np.asarray(vla.predict_action(q.images, q.instruction, q.state, **predict_kwargs))
+                        for q in chunk]
+                continue
+            states = None if all(q.state is None for q in chunk) else [q.state for q in chunk]
+            actions = vla.predict_action([q.images for q in chunk], [q.instruction for q in chunk], states,
+                                         **predict_kwargs)
+            out += list(np.asarray(actions))
+    return np.stack(out)
 
 
 @dataclass

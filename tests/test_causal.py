@@ -205,3 +205,13 @@ def test_ablation_effect_reports_the_gap_with_and_without_the_layers(vla, images
     assert result.layers == [2, 3]
     if result.gap:
         assert result.removed == pytest.approx(1 - result.gap_ablated / result.gap)
+
+
+def test_batched_decode_equals_one_by_one(vla, images):
+    queries = grid(images, INSTRUCTIONS)
+    steering = Steering(NeuronSet.for_model(vla, [(2, 5), (3, 9)]), 30.0)
+    for steer in (None, steering):
+        np.testing.assert_array_equal(decode(vla, queries, steer, batch_size=4),
+                                      decode(vla, queries, steer, batch_size=1))
+    with pytest.raises(InputError, match="batch_size"):
+        decode(vla, queries, batch_size=0)
