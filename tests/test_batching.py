@@ -307,3 +307,27 @@ def test_pi0_fast_rows_stop_at_their_own_eos(models, batch):
     finally:
         handle.remove()
     assert rows[0] == single
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_steer_edit_in_one_invoke_steers_that_element_only(models, batch, family):
+    vla = models[family]
+    images, states = observation_args(family, batch)
+    state = (lambda i: None) if states is None else (lambda i: states[i])
+    shared = {"stop_at_eos": False} if family == "pi0-fast" else {}
+    own = (lambda i: {"seed": i}) if family == "pi0" else (lambda i: {})
+    steer = Steering(NeuronSet.for_model(vla, [(LAYER, n) for n in NEURONS]), ALPHA)
+    with vla.predict_action(**shared) as tracer:
+        with tracer.invoke(images[2], INSTRUCTIONS[2], state=state(2), **own(2)):
+            plain = tracer.result.save()
+        with tracer.invoke(images[0], INSTRUCTIONS[0], state=state(0), **own(0)):
+            steer.edit(vla, tracer)
+            steered = tracer.result.save()
+    handle = down_pre_hook(vla)
+    try:
+        expected = singles_one(vla, images, states, 0)
+    finally:
+        handle.remove()
+    tol = dict(rtol=1e-5, atol=1e-6) if family == "pi0" else dict(rtol=0, atol=0)
+    np.testing.assert_allclose(steered[0], expected, **tol)
+    np.testing.assert_allclose(plain[0], singles_one(vla, images, states, 2), **tol)

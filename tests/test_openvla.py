@@ -306,3 +306,9 @@ def test_one_line_with_of_another_context_runs_the_call(tiny_openvla, images):
 def test_forward_count(tiny_openvla):
     assert tiny_openvla.forward_count() == 7
     assert tiny_openvla.stack_forwards("backbone") == list(range(7))
+
+
+def test_hub_processor_tensors_get_a_clear_error(tiny_openvla, images):
+    ids, pixels = tiny_openvla.prepare(images["a"], INSTRUCTION)
+    with pytest.raises(InputError, match="builds the prompt itself"):
+        tiny_openvla.predict_action(input_ids=ids, pixel_values=pixels, unnorm_key="tiny", do_sample=False)

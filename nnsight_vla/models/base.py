@@ -330,7 +330,9 @@ class VLA(Remotable):
     # -- inference ----------------------------------------------------------------------------------------------
 
     @traceable
-    def predict_action(self, images: Any, instruction: Any, state: Any = None, **kwargs: Any) -> np.ndarray:
+    def predict_action(
+        self, images: Any = None, instruction: Any = None, state: Any = None, **kwargs: Any
+    ) -> np.ndarray:
         """Predict the next action (or action chunk) from camera image(s), an instruction and optional state.
 
         A batch: a list of instructions with a list of images entries (and of states) gives the actions stacked
@@ -338,6 +340,11 @@ class VLA(Remotable):
         vla.predict_action(...) as tracer:`` runs it interleaved with the block (``tracer.iter[:]`` reaches every
         forward that produces the action); ``tracer.invoke(...)`` blocks batch their observations.
         """
+        if "input_ids" in kwargs or "pixel_values" in kwargs:
+            raise InputError(
+                "predict_action takes observations, (images, instruction[, state]), and builds the prompt itself; "
+                "a hub processor's input_ids / pixel_values are not accepted (vla.trace(input_ids=..., ...) is)"
+            )
         per = {key: kwargs.pop(key) for key in list(kwargs) if key in self.per_element_options}
         observations, batched = split(images, instruction, state, per, self.per_element_options)
         actions = self._predict_batch(observations, **kwargs)
