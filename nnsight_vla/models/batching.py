@@ -3,7 +3,9 @@
 A batch is a list of instructions with one images entry (and one state) per instruction; element i of the
 result equals the single call on observation i. :func:`combine_invokes` turns ``tracer.invoke(...)`` inputs
 into such a batch, :class:`VLABatcher` scopes ``tracer.result``'s numpy rows to an invoke, and the padding
-helpers lay prompts of different lengths out so every row's last token sits at the same index.
+helpers lay prompts of different lengths out so every row's last token sits at the same index. nnsight scopes
+a tensor to an invoke only when its first axis is the batch: pi0 / pi0-FAST vision towers see one row per
+camera image, so an edit there inside one invoke reaches every invoke (edit vision towers in a one-invoke trace).
 """
 
 from __future__ import annotations
