@@ -62,7 +62,7 @@ def until_halted(eventually):
     """``until_halted(robot, timeout=5.0)``: call ``robot.check()`` (what the runner does before every command)
     until it raises :class:`RobotHalted`, and return that exception; the client's 125 Hz stream shows a
     controller-side stop a little after it happened."""
-    from nnsight_vla.envs.safety import RobotHalted
+    from nnsight_vla.errors import RobotHalted
 
     def wait(robot, timeout: float = 5.0):
         def halted():

@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("rtde_control")
 pytest.importorskip("mujoco")
 
-from nnsight_vla.envs.safety import (  # noqa: E402
+from nnsight_vla.envs.ur5 import (  # noqa: E402
     RULES,
     RobotHalted,
     SafetyConfig,
@@ -31,7 +31,7 @@ from nnsight_vla.envs.safety import (  # noqa: E402
     pose_to_matrix,
 )
 from nnsight_vla.envs.ur5 import DEFAULT_HOME_Q, UR5Config, UR5Robot  # noqa: E402
-from nnsight_vla.envs.ur5_twin import TwinProcess, free_loopback_host  # noqa: E402
+from nnsight_vla.envs.ur5 import TwinProcess, free_loopback_host  # noqa: E402
 
 HOME = np.array(DEFAULT_HOME_Q)
 DT = 1.0 / 125.0
@@ -100,7 +100,7 @@ def test_fk_matches_the_twin_mujoco_arm(twin, eventually):
         for _ in range(3):
             q = HOME + rng.uniform(-0.4, 0.4, 6)
             twin.admin("set_q", q=q.tolist())
-            eventually(lambda: np.testing.assert_allclose(r.getActualQ(), q, atol=1e-9))
+            eventually(lambda q=q: np.testing.assert_allclose(r.getActualQ(), q, atol=1e-9))
             T_twin = pose_to_matrix(r.getActualTCPPose())
             np.testing.assert_allclose(T_twin, kin.fk(q), atol=1e-6)
     finally:

@@ -20,7 +20,7 @@ pytest.importorskip("mujoco")
 
 from nnsight_vla.envs.conditions import Condition, SpeedSteering, baseline  # noqa: E402
 from nnsight_vla.envs.episodes import ResultsStore  # noqa: E402
-from nnsight_vla.envs.safety import SafetyConfig, URKinematics  # noqa: E402
+from nnsight_vla.envs.ur5 import SafetyConfig, URKinematics  # noqa: E402
 from nnsight_vla.envs.ur5 import (  # noqa: E402
     DEFAULT_HOME_Q,
     CameraError,
@@ -36,7 +36,7 @@ from nnsight_vla.envs.ur5 import (  # noqa: E402
     run_conditions,
     run_episode,
 )
-from nnsight_vla.envs.ur5_twin import TwinError, TwinProcess, free_loopback_host  # noqa: E402
+from nnsight_vla.envs.ur5 import TwinError, TwinProcess, free_loopback_host  # noqa: E402
 
 HOME = np.array(DEFAULT_HOME_Q)
 TWIN_CAMS = {"base": "twin:scene", "wrist": "twin:wrist", "primary": "twin:scene"}
@@ -286,7 +286,7 @@ def test_dry_run_sends_nothing(twin, tmp_path):
 
 def test_scripted_episode_steered_vs_unsteered(twin, tmp_path):
     """Armed short episodes: a baseline and a 'steered' (speed x2) condition; the logged motion is the twin's."""
-    from nnsight_vla import plots
+    from nnsight_vla.reports import plots
 
     _reset(twin)
     conds = [baseline(), Condition("fast", steering=SpeedSteering(2.0), kind="steered", concept="speed")]
@@ -411,7 +411,7 @@ def test_first_servo_commands_keep_the_controller_watchdog_fed(twin):
     _reset(twin)
     code = f"""
 import numpy as np
-from nnsight_vla.envs.safety import SafetyConfig
+from nnsight_vla.envs.ur5 import SafetyConfig
 from nnsight_vla.envs.ur5 import DEFAULT_HOME_Q, UR5Config, UR5Robot
 safety = SafetyConfig(controller_watchdog_hz=10.0, state_timeout_s=1.0)
 with UR5Robot({twin.host!r}, armed=True, safety=safety, config=UR5Config(gripper="none", home_q=None)) as robot:

@@ -37,13 +37,13 @@ from pathlib import Path
 import numpy as np
 
 import nnsight_vla as nv
-from nnsight_vla import plots
+from nnsight_vla.reports import plots
 from nnsight_vla.envs.conditions import Condition, SpeedSteering, baseline
 from nnsight_vla.envs.episodes import ResultsStore, compare_conditions, format_rows
-from nnsight_vla.envs.safety import SafetyConfig, SafetyEnvelope, SafetyViolation, URKinematics
+from nnsight_vla.envs.ur5 import SafetyConfig, SafetyEnvelope, SafetyViolation, URKinematics
 from nnsight_vla.envs.ur5 import DEFAULT_HOME_Q, UR5Config, UR5ScriptedPolicy, load_config, probe_controller, \
     run_conditions
-from nnsight_vla.envs.ur5_twin import TwinProcess, free_loopback_host
+from nnsight_vla.envs.ur5 import TwinProcess, free_loopback_host
 
 START = time.perf_counter()
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
@@ -181,7 +181,8 @@ assert np.abs(raw0["baseline"] - raw0["steer@a30"]).max() > 1e-3
 # each folder also keeps the command log of every run (`commands/*.jsonl`).
 
 # %%
-print(format_rows(compare_conditions(store, "disp", per_task=False), ["condition", "n", "mean", "pct_change", "p_value"]))
+rows = compare_conditions(store, "disp", per_task=False)
+print(format_rows(rows, ["condition", "n", "mean", "pct_change", "p_value"]))
 for path in plots.plot_all(store, OUT / "plots"):
     print("wrote", path.relative_to(OUT))
 twin.stop()

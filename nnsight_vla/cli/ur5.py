@@ -45,6 +45,6 @@ def twin(
     model: Annotated[str, typer.Option(help="UR5 or UR5e (the simulated arm and the reported model)")] = "UR5",
 ) -> None:
     """Start the UR controller twin (the real RTDE / dashboard / script protocols on loopback, MuJoCo arm)."""
-    from ..envs.ur5_twin import twin_cli
+    from ..envs.ur5.twin import twin_cli
 
     twin_cli(host=host, model=model)

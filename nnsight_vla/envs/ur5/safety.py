@@ -1,34 +1,9 @@
-"""The safety envelope every UR arm command passes through before it can be sent.
+"""The safety envelope every UR arm command passes through before it can be sent, and its limits.
 
-Rules (each one has a name; the names are logged with every command they changed or refused):
-
-==================  ===================================================================================
-``nonfinite``       a NaN or inf anywhere in a target: the command is refused (:class:`SafetyViolation`),
-                    never sent
-``joint_step``      the joint target may move at most ``max_joint_step`` rad per policy action (clamp)
-``tcp_step``        the TCP target may move at most ``max_tcp_step`` m per policy action (clamp)
-``rot_step``        ... and turn at most ``max_rot_step`` rad per policy action (clamp)
-``joint_limits``    joint targets are clamped into ``[joint_min, joint_max]``; a TCP target whose inverse
-                    kinematics leaves them is refused (the arm holds)
-``workspace``       the TCP (flange + ``tcp_offset``) stays inside the box ``workspace_min..workspace_max``
-                    in the robot base frame: TCP targets are clamped into it, joint motions are shortened
-                    to the last point inside it
-``joint_speed``     streamed (servo) joint targets move at most ``max_joint_speed`` rad/s (clamp)
-``joint_acc``       ... and speed up at most ``max_joint_acc`` rad/s^2 (slowing down is always allowed)
-``tcp_speed``       the TCP moves at most ``max_tcp_speed`` m/s and turns at most ``max_tcp_rot_speed``
-                    rad/s (clamp)
-``tcp_acc``         ... and speeds up at most ``max_tcp_acc`` m/s^2 (clamp)
-``watchdog``        the policy must answer within ``watchdog_s`` of the observation it was given, else the
-                    arm is stopped and the run halts (:class:`RobotHalted`)
-``state``           robot state older than ``state_timeout_s``, a lost connection, a protective or emergency
-                    stop, a stopped control program or a robot that is not running: stop, halt and report;
-                    a halted robot never resumes by itself
-==================  ===================================================================================
-
-:class:`SafetyConfig` holds the limits, with conservative defaults for a UR5 on a table picking in front of
-its base (the base frame's -x side), flange-referenced (``tcp_offset`` zero). Load it from YAML or JSON with
-:meth:`SafetyConfig.from_file`. Kinematics (forward, inverse, Jacobian) come from the published DH parameters
-(:class:`URKinematics`).
+:class:`SafetyConfig` holds the limits (conservative defaults for a UR5 picking on a table in front of its base),
+:class:`SafetyEnvelope` checks policy actions and streamed servo commands against them and names the rules that
+changed or refused a command (:data:`RULES`; docs/ur5.md explains each), :class:`Watchdog` catches a policy that
+stopped answering.
 """
 
 from __future__ import annotations
@@ -39,169 +14,18 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
-# imported with the module, not on first use: a first-use import (~0.4 s) inside the 125 Hz servo loop stalls
-# the command stream, long enough to trip a 10 Hz controller watchdog on the very first step
-from scipy.spatial.transform import Rotation
 
-from ..errors import VLAError
-from ..errors import SafetyConfigError, SafetyViolation, RobotHalted  # noqa: F401 (re-exported)
-
-__all__ = [
-    "SafetyConfig",
-    "SafetyEnvelope",
-    "SafetyViolation",
-    "SafetyConfigError",
-    "RobotHalted",
-    "URKinematics",
-    "Watchdog",
-    "UR_DH_PARAMS",
-    "RULES",
-    "pose_to_matrix",
-    "matrix_to_pose",
-]
+from ...errors import RobotHalted, SafetyConfigError, SafetyViolation
+from .kinematics import UR_DH_PARAMS, URKinematics
+from .poses import matrix_to_pose, pose_to_matrix, relative_rotvec, rotation_angle, rotvec_to_matrix
+from .protocol import ROBOT_MODE, SAFETY_MODE, robot_mode_name, safety_mode_name
 
 #: rule names, in the order the envelope applies them
 RULES = ("nonfinite", "joint_step", "tcp_step", "rot_step", "joint_limits", "workspace", "joint_speed",
          "joint_acc", "tcp_speed", "tcp_acc", "watchdog", "state")
-
-#: published DH parameters of Universal Robots arms (d and a in metres); alpha is shared by all of them
-UR_DH_PARAMS: dict[str, dict[str, tuple[float, ...]]] = {
-    "UR3": {"d": (0.1519, 0, 0, 0.11235, 0.08535, 0.0819), "a": (0, -0.24365, -0.21325, 0, 0, 0)},
-    "UR5": {"d": (0.089159, 0, 0, 0.10915, 0.09465, 0.0823), "a": (0, -0.425, -0.39225, 0, 0, 0)},
-    "UR10": {"d": (0.1273, 0, 0, 0.163941, 0.1157, 0.0922), "a": (0, -0.612, -0.5723, 0, 0, 0)},
-    "UR3e": {"d": (0.15185, 0, 0, 0.13105, 0.08535, 0.0921), "a": (0, -0.24355, -0.2132, 0, 0, 0)},
-    "UR5e": {"d": (0.1625, 0, 0, 0.1333, 0.0997, 0.0996), "a": (0, -0.425, -0.3922, 0, 0, 0)},
-    "UR10e": {"d": (0.1807, 0, 0, 0.17415, 0.11985, 0.11655), "a": (0, -0.6127, -0.57155, 0, 0, 0)},
-}
-UR_DH_ALPHA = (math.pi / 2, 0.0, 0.0, math.pi / 2, -math.pi / 2, 0.0)
-
-# robot / safety mode values of the RTDE interface
-_SAFETY_MODE_NAMES = {1: "NORMAL", 2: "REDUCED", 3: "PROTECTIVE_STOP", 4: "RECOVERY", 5: "SAFEGUARD_STOP",
-                      6: "SYSTEM_EMERGENCY_STOP", 7: "ROBOT_EMERGENCY_STOP", 8: "VIOLATION", 9: "FAULT",
-                      10: "VALIDATE_JOINT_ID", 11: "UNDEFINED_SAFETY_MODE", 12: "AUTOMATIC_MODE_SAFEGUARD_STOP",
-                      13: "SYSTEM_THREE_POSITION_ENABLING_STOP"}
-_ROBOT_MODE_NAMES = {-1: "NO_CONTROLLER", 0: "DISCONNECTED", 1: "CONFIRM_SAFETY", 2: "BOOTING", 3: "POWER_OFF",
-                     4: "POWER_ON", 5: "IDLE", 6: "BACKDRIVE", 7: "RUNNING", 8: "UPDATING_FIRMWARE"}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# poses and kinematics
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _rotvec_to_matrix(rv) -> np.ndarray:
-    rv = np.asarray(rv, dtype=float)
-    angle = float(np.linalg.norm(rv))
-    if angle < 1e-12:
-        return np.eye(3)
-    k = rv / angle
-    K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + math.sin(angle) * K + (1 - math.cos(angle)) * (K @ K)
-
-
-def _matrix_to_rotvec(R) -> np.ndarray:
-    return Rotation.from_matrix(np.asarray(R, dtype=float)).as_rotvec()
-
-
-def pose_to_matrix(pose) -> np.ndarray:
-    """UR pose ``[x, y, z, rx, ry, rz]`` (rotation vector) -> 4x4 homogeneous matrix."""
-    pose = np.asarray(pose, dtype=float).reshape(6)
-    T = np.eye(4)
-    T[:3, :3] = _rotvec_to_matrix(pose[3:])
-    T[:3, 3] = pose[:3]
-    return T
-
-
-def matrix_to_pose(T) -> np.ndarray:
-    """4x4 homogeneous matrix -> UR pose ``[x, y, z, rx, ry, rz]``."""
-    T = np.asarray(T, dtype=float)
-    return np.concatenate([T[:3, 3], _matrix_to_rotvec(T[:3, :3])])
-
-
-def rotation_angle(R_a, R_b) -> float:
-    """Angle (rad) of the rotation taking ``R_b`` to ``R_a``."""
-    c = (np.trace(np.asarray(R_a) @ np.asarray(R_b).T) - 1.0) / 2.0
-    return float(math.acos(min(1.0, max(-1.0, c))))
-
-
-class URKinematics:
-    """Forward/inverse kinematics of a UR arm from its published DH parameters (UR base frame).
-
-    ``tcp_offset`` is the TCP pose in the flange frame (as set on the teach pendant / with ``setTcp``).
-    """
-
-    def __init__(self, model: str = "UR5", tcp_offset: Sequence[float] = (0, 0, 0, 0, 0, 0)):
-        if model not in UR_DH_PARAMS:
-            raise SafetyConfigError(f"unknown robot model {model!r}; known models: {', '.join(UR_DH_PARAMS)}")
-        self.model = model
-        self.d = np.asarray(UR_DH_PARAMS[model]["d"], float)
-        self.a = np.asarray(UR_DH_PARAMS[model]["a"], float)
-        self.alpha = np.asarray(UR_DH_ALPHA, float)
-        self.tcp = pose_to_matrix(tcp_offset)
-
-    def frames(self, q) -> list[np.ndarray]:
-        """Base-frame transforms of the 6 DH frames (the last one is the flange)."""
-        q = np.asarray(q, float).reshape(6)
-        T = np.eye(4)
-        out = []
-        for i in range(6):
-            ct, st = math.cos(q[i]), math.sin(q[i])
-            ca, sa = math.cos(self.alpha[i]), math.sin(self.alpha[i])
-            A = np.array([[ct, -st * ca, st * sa, self.a[i] * ct],
-                          [st, ct * ca, -ct * sa, self.a[i] * st],
-                          [0.0, sa, ca, self.d[i]],
-                          [0.0, 0.0, 0.0, 1.0]])
-            T = T @ A
-            out.append(T)
-        return out
-
-    def fk(self, q) -> np.ndarray:
-        """4x4 TCP pose in the base frame."""
-        return self.frames(q)[-1] @ self.tcp
-
-    def fk_pose(self, q) -> np.ndarray:
-        return matrix_to_pose(self.fk(q))
-
-    def jacobian(self, q) -> np.ndarray:
-        """6x6 geometric Jacobian of the TCP (linear rows first), base frame."""
-        Ts = self.frames(q)
-        p_tcp = (Ts[-1] @ self.tcp)[:3, 3]
-        J = np.zeros((6, 6))
-        z, o = np.array([0.0, 0.0, 1.0]), np.zeros(3)
-        for i in range(6):
-            J[:3, i] = np.cross(z, p_tcp - o)
-            J[3:, i] = z
-            z, o = Ts[i][:3, 2], Ts[i][:3, 3]
-        return J
-
-    def ik(self, T_target, q_seed, *, iters: int = 60, tol: float = 1e-6) -> tuple[np.ndarray, bool]:
-        """Damped least-squares inverse kinematics from ``q_seed``; returns (q, converged)."""
-        T_target = np.asarray(T_target, float)
-        if T_target.shape == (6,):
-            T_target = pose_to_matrix(T_target)
-        q = np.asarray(q_seed, float).reshape(6).copy()
-        for _ in range(iters):
-            T = self.fk(q)
-            e = np.concatenate([T_target[:3, 3] - T[:3, 3], _matrix_to_rotvec(T_target[:3, :3] @ T[:3, :3].T)])
-            if np.linalg.norm(e[:3]) < tol and np.linalg.norm(e[3:]) < 10 * tol:
-                return q, True
-            J = self.jacobian(q)
-            dq = J.T @ np.linalg.solve(J @ J.T + 1e-6 * np.eye(6), e)
-            n = float(np.linalg.norm(dq))
-            if n > 0.5:
-                dq *= 0.5 / n
-            q = q + dq
-        T = self.fk(q)
-        ok = np.linalg.norm(T_target[:3, 3] - T[:3, 3]) < 1e-4 and rotation_angle(T_target[:3, :3], T[:3, :3]) < 1e-3
-        return q, bool(ok)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# configuration
-# ----------------------------------------------------------------------------------------------------------
 
 _PI = math.pi
 
@@ -240,17 +64,16 @@ class SafetyConfig:
     controller_watchdog_hz: float = 0.0  # >0: the controller stops the program if commands stop arriving
 
     def __post_init__(self) -> None:
-        for name in ("tcp_offset", "workspace_min", "workspace_max", "joint_min", "joint_max"):
+        want = {"tcp_offset": 6, "workspace_min": 3, "workspace_max": 3, "joint_min": 6, "joint_max": 6}
+        for name, n in want.items():
             value = getattr(self, name)
             try:
                 value = tuple(float(v) for v in value)
             except (TypeError, ValueError):
                 raise SafetyConfigError(f"safety config {name} must be a list of numbers, got {value!r}") from None
+            if len(value) != n:
+                raise SafetyConfigError(f"safety config {name} needs {n} values, got {len(value)}")
             object.__setattr__(self, name, value)
-        want = {"tcp_offset": 6, "workspace_min": 3, "workspace_max": 3, "joint_min": 6, "joint_max": 6}
-        for name, n in want.items():
-            if len(getattr(self, name)) != n:
-                raise SafetyConfigError(f"safety config {name} needs {n} values, got {len(getattr(self, name))}")
         if self.robot_model not in UR_DH_PARAMS:
             raise SafetyConfigError(
                 f"safety config robot_model {self.robot_model!r} unknown; known models: {', '.join(UR_DH_PARAMS)}")
@@ -280,7 +103,6 @@ class SafetyConfig:
         if self.controller_watchdog_hz < 0:
             raise SafetyConfigError("controller_watchdog_hz must be >= 0 (0 disables it)")
 
-    # -- files
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SafetyConfig":
         """Build from a mapping; unknown keys are an error (a typo must not silently drop a limit)."""
@@ -311,24 +133,19 @@ def load_mapping(path: str | os.PathLike) -> dict:
         text = path.read_text()
     except OSError as e:
         raise SafetyConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    yaml_file = path.suffix.lower() in (".yaml", ".yml")
     try:
-        if path.suffix.lower() in (".yaml", ".yml"):
+        if yaml_file:
             import yaml
 
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
     except Exception as e:
-        kind = "YAML" if path.suffix.lower() in (".yaml", ".yml") else "JSON"
-        raise SafetyConfigError(f"config file {path} is not valid {kind}: {e}") from None
+        raise SafetyConfigError(f"config file {path} is not valid {'YAML' if yaml_file else 'JSON'}: {e}") from None
     if not isinstance(data, dict):
         raise SafetyConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
     return data
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the envelope
-# ----------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -369,6 +186,18 @@ class Watchdog:
                               "the arm was stopped", rule="watchdog")
 
 
+def _norm(x) -> float:
+    return float(np.linalg.norm(x))
+
+
+def _cap(vec: np.ndarray, limit: float, norm=_norm) -> tuple[np.ndarray, bool]:
+    """``vec`` scaled down to ``norm(vec) <= limit`` (direction kept); whether it had to be."""
+    n = norm(vec)
+    if n > limit:
+        return vec * (limit / n), True
+    return vec, False
+
+
 class SafetyEnvelope:
     """Checks and clamps commands. Stateless apart from the config; the caller keeps the command history.
 
@@ -401,7 +230,7 @@ class SafetyEnvelope:
 
     def _box_distance(self, p) -> float:
         p = np.asarray(p, float)[:3]
-        return float(np.linalg.norm(np.maximum(self.wmin - p, 0) + np.maximum(p - self.wmax, 0)))
+        return _norm(np.maximum(self.wmin - p, 0) + np.maximum(p - self.wmax, 0))
 
     def clamp_joint_limits(self, q) -> tuple[np.ndarray, bool]:
         c = np.clip(q, self.jmin, self.jmax)
@@ -457,22 +286,18 @@ class SafetyEnvelope:
         pose_target = self.require_finite(pose_target, "TCP target")
         T_ref, T_t = pose_to_matrix(pose_ref), pose_to_matrix(pose_target)
         fired = []
-        dp = T_t[:3, 3] - T_ref[:3, 3]
-        n = float(np.linalg.norm(dp))
-        if n > c.max_tcp_step:
-            dp *= c.max_tcp_step / n
+        dp, clamped = _cap(T_t[:3, 3] - T_ref[:3, 3], c.max_tcp_step)
+        if clamped:
             fired.append("tcp_step")
-        rv = _matrix_to_rotvec(T_t[:3, :3] @ T_ref[:3, :3].T)
-        ang = float(np.linalg.norm(rv))
-        if ang > c.max_rot_step:
-            rv *= c.max_rot_step / ang
+        rv, clamped = _cap(relative_rotvec(T_t[:3, :3], T_ref[:3, :3]), c.max_rot_step)
+        if clamped:
             fired.append("rot_step")
         p = T_ref[:3, 3] + dp
         p_c = np.clip(p, self.wmin, self.wmax)
         if np.any(p_c != p):
             fired.append("workspace")
         T = np.eye(4)
-        T[:3, :3] = _rotvec_to_matrix(rv) @ T_ref[:3, :3]
+        T[:3, :3] = rotvec_to_matrix(rv) @ T_ref[:3, :3]
         T[:3, 3] = p_c
         q, ok = self.kin.ik(T, q_seed)
         if not ok or np.any(q < self.jmin) or np.any(q > self.jmax):
@@ -540,7 +365,7 @@ class SafetyEnvelope:
         if np.any(p_t != T_t[:3, 3]):
             fired.append("workspace")
         dp = p_t - T_prev[:3, 3]
-        rv = _matrix_to_rotvec(T_t[:3, :3] @ T_prev[:3, :3].T)
+        rv = relative_rotvec(T_t[:3, :3], T_prev[:3, :3])
         lin, rot = float(np.linalg.norm(dp)) / dt, float(np.linalg.norm(rv)) / dt
         scale = 1.0
         if lin > c.max_tcp_speed:
@@ -557,7 +382,7 @@ class SafetyEnvelope:
         q_prev = np.asarray(q_seed, float)
         for _ in range(4):  # joint-level checks on the IK solution; shrink the step if needed
             T = np.eye(4)
-            T[:3, :3] = _rotvec_to_matrix(rv) @ T_prev[:3, :3]
+            T[:3, :3] = rotvec_to_matrix(rv) @ T_prev[:3, :3]
             T[:3, 3] = T_prev[:3, 3] + dp
             q, ok = self.kin.ik(T, q_prev)
             if not ok or np.any(q < self.jmin) or np.any(q > self.jmax):
@@ -581,22 +406,12 @@ class SafetyEnvelope:
         if state_age_s > self.config.state_timeout_s:
             raise RobotHalted(f"robot state is {state_age_s:.3f} s old (limit {self.config.state_timeout_s} s): "
                               "the controller stopped streaming; stopped", rule="state")
-        if safety_mode not in (1, 2):
-            name = _SAFETY_MODE_NAMES.get(int(safety_mode), str(safety_mode))
-            raise RobotHalted(f"robot safety mode is {name}; halted. Inspect the cause and clear it on the teach "
-                              "pendant before starting a new run", rule="state")
-        if robot_mode != 7:
-            name = _ROBOT_MODE_NAMES.get(int(robot_mode), str(robot_mode))
-            raise RobotHalted(f"robot mode is {name}, not RUNNING (power on and release the brakes first)",
-                              rule="state")
+        if safety_mode not in (SAFETY_MODE["NORMAL"], SAFETY_MODE["REDUCED"]):
+            raise RobotHalted(f"robot safety mode is {safety_mode_name(safety_mode)}; halted. Inspect the cause and "
+                              "clear it on the teach pendant before starting a new run", rule="state")
+        if robot_mode != ROBOT_MODE["RUNNING"]:
+            raise RobotHalted(f"robot mode is {robot_mode_name(robot_mode)}, not RUNNING (power on and release the "
+                              "brakes first)", rule="state")
         if program_running is False:
             raise RobotHalted("the robot's control program stopped (watchdog, pendant or another client); halted",
                               rule="state")
-
-
-def safety_mode_name(mode: int) -> str:
-    return _SAFETY_MODE_NAMES.get(int(mode), str(mode))
-
-
-def robot_mode_name(mode: int) -> str:
-    return _ROBOT_MODE_NAMES.get(int(mode), str(mode))
