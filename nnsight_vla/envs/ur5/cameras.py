@@ -28,6 +28,8 @@ class OpenCVCamera(CameraSource):
 
     def __init__(self, device: int | str = 0, *, width: int | None = None, height: int | None = None,
                  warmup: int = 2):
+        if not isinstance(warmup, int) or warmup < 0:
+            raise CameraError(f"warmup must be a number of frames >= 0, got {warmup!r}")
         try:
             import cv2
         except ImportError:

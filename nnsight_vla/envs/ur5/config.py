@@ -20,6 +20,11 @@ FAMILY_ACTION_SPACE = {"openvla": "tcp_delta", "pi0": "joint_delta", "pi0-fast":
 FAMILY_GRIPPER_CLOSE_ABOVE = {"openvla": False, "pi0": True, "pi0-fast": True}
 
 
+def is_count(value: Any, minimum: int = 1) -> bool:
+    """An int (not a bool) of at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 @dataclass(frozen=True)
 class UR5Config:
     """How episodes run on the arm (everything but the policy, the conditions and the safety limits).
@@ -85,8 +90,7 @@ class UR5Config:
         if self.home_q is not None:
             object.__setattr__(self, "home_q", tuple(float(v) for v in self.home_q))
         checks = [
-            (isinstance(self.max_steps, int) and self.max_steps >= 1,
-             f"max_steps must be an int >= 1, got {self.max_steps!r}"),
+            (is_count(self.max_steps), f"max_steps must be an int >= 1, got {self.max_steps!r}"),
             (0 < float(self.action_hz) <= 50, f"action_hz must be in (0, 50], got {self.action_hz!r}"),
             (10 <= float(self.servo_hz) <= 500, f"servo_hz must be in 10..500, got {self.servo_hz!r}"),
             (float(self.servo_hz) >= float(self.action_hz), "servo_hz must be >= action_hz"),
@@ -96,14 +100,18 @@ class UR5Config:
              f"delta_reference must be 'auto', 'chunk_start' or 'previous', got {self.delta_reference!r}"),
             (math.isfinite(float(self.action_scale)) and float(self.action_scale) > 0,
              f"action_scale must be a finite number > 0, got {self.action_scale!r}"),
-            (self.open_loop_steps is None or (isinstance(self.open_loop_steps, int) and self.open_loop_steps >= 1),
+            (self.open_loop_steps is None or is_count(self.open_loop_steps),
              f"open_loop_steps must be None or an int >= 1, got {self.open_loop_steps!r}"),
             (self.gripper in ("io", "none"), f"gripper must be 'io' or 'none', got {self.gripper!r}"),
-            (isinstance(self.gripper_pin, int) and 0 <= self.gripper_pin <= 7,
+            (is_count(self.gripper_pin, 0) and self.gripper_pin <= 7,
              f"gripper_pin must be 0..7, got {self.gripper_pin!r}"),
+            (self.gripper_index is None or is_count(self.gripper_index, 0),
+             f"gripper_index must be None or an int >= 0, got {self.gripper_index!r}"),
+            (math.isfinite(float(self.gripper_threshold)),
+             f"gripper_threshold must be finite, got {self.gripper_threshold!r}"),
             (self.home_q is None or (len(self.home_q) == 6 and all(math.isfinite(v) for v in self.home_q)),
              "home_q must be None or 6 finite joint angles (rad)"),
-            (self.image_size is None or (isinstance(self.image_size, int) and self.image_size >= 8),
+            (self.image_size is None or is_count(self.image_size, 8),
              f"image_size must be None or an int >= 8, got {self.image_size!r}"),
             (0 < float(self.connect_timeout) <= 10,
              f"connect_timeout must be in (0, 10] s, got {self.connect_timeout!r}"),

@@ -20,11 +20,23 @@ from ...rollout.conditions import Condition
 from ...rollout.policy import PolicySurface, condition_context, policy_surface
 from ...rollout.records import Episode, EpisodeKey, EpisodeRecorder
 from .cameras import CameraSource
-from .config import ACTION_SPACES, FAMILY_ACTION_SPACE, FAMILY_GRIPPER_CLOSE_ABOVE, UR5Config
+from .config import ACTION_SPACES, FAMILY_ACTION_SPACE, FAMILY_GRIPPER_CLOSE_ABOVE, UR5Config, is_count
 from .poses import euler_to_matrix, interp_pose, matrix_to_pose, pose_to_matrix
 from .robot import RobotState, UR5Robot
 
 log = logging.getLogger("nnsight_vla.ur5")
+
+
+def check_policy(policy: Any) -> PolicySurface:
+    """The policy's :class:`PolicySurface`, its sizes checked (a zero or negative count is refused, not rounded)."""
+    name = type(policy).__name__
+    for attr, value in (("action_dim", getattr(policy, "action_dim", 1)),
+                        ("action_horizon", getattr(policy, "action_horizon", 1)),
+                        ("state_dim", getattr(policy, "state_dim", None))):
+        if not (is_count(value) or (attr == "state_dim" and value is None)):
+            raise RobotConfigError(f"{name}.{attr} must be an int >= 1{' or None' if attr == 'state_dim' else ''}, "
+                                   f"got {value!r}")
+    return policy_surface(policy)
 
 
 @dataclass(frozen=True)
@@ -49,7 +61,7 @@ def resolve_plan(config: UR5Config, surface: PolicySurface) -> Plan:
     if surface.action_dim < 6:
         raise RobotConfigError(f"{fam} policy has action_dim {surface.action_dim}; the UR5 runner needs >= 6 "
                                "(6 joint or TCP components, optionally a gripper)")
-    horizon = surface.action_horizon or 1
+    horizon = surface.action_horizon
     open_loop = min(config.open_loop_steps or (1 if horizon == 1 else min(horizon, 8)), horizon)
     close_above = config.gripper_close_above
     if close_above is None:
@@ -152,7 +164,7 @@ def run_episode(robot: UR5Robot, policy: Any, condition: Condition, config: UR5C
     ``termination``: ``halted:<rule>``, with ``halt_reason``), the policy outputs a non-finite action
     (``unsafe_action``; it is never sent) or a camera fails (``camera_error``). The per-step records up to that
     point are kept either way."""
-    surface = policy_surface(policy)
+    surface = check_policy(policy)
     plan = resolve_plan(config, surface)
     missing = [c for c in surface.camera_names if c not in cameras]
     if missing:

@@ -13,13 +13,12 @@ from typing import Any, Mapping, Sequence
 
 from ...errors import CameraError, RobotConfigError, RobotHalted
 from ...rollout.conditions import Condition, baseline, check_unique
-from ...rollout.policy import policy_surface
 from ...rollout.policy import policy_identity
 from ...rollout.records import EpisodeKey
 from ...rollout.store import ResultsStore
 from .cameras import CameraSource, open_camera
-from .config import UR5Config, load_config
-from .episode import resolve_plan, run_episode
+from .config import UR5Config, is_count, load_config
+from .episode import check_policy, resolve_plan, run_episode
 from .robot import UR5Robot
 from .safety import SafetyConfig
 from .scripted import UR5ScriptedPolicy
@@ -54,10 +53,10 @@ def run_conditions(policy: Any, conditions: Sequence[Condition], config: UR5Conf
     a human decides whether and when to continue (rerunning resumes with the missing episodes)."""
     conditions = list(conditions)
     check_unique(conditions)
-    if not isinstance(trials, int) or trials < 1:
+    if not is_count(trials):
         raise RobotConfigError(f"trials must be an int >= 1, got {trials!r}")
     safety = safety or SafetyConfig()
-    surface = policy_surface(policy)
+    surface = check_policy(policy)
     plan = resolve_plan(config, surface)
     out = SweepResult(results=str(results))
     t_start = time.perf_counter()
@@ -164,6 +163,9 @@ def run_cli(host: str, armed: bool = False, config: str | os.PathLike | None = N
     ``cameras="twin"`` uses the controller twin's renders (``scene`` for base/primary, ``wrist``).
     Returns the :class:`SweepResult`; raises :class:`RobotError` for setup problems and ``SystemExit(3)`` after a
     halt (the reason is printed)."""
+    for name, value in (("steps", steps), ("trials", trials)):  # refused before anything connects
+        if value is not None and not is_count(value):
+            raise RobotConfigError(f"--{name} must be an int >= 1, got {value!r}")
     logging.basicConfig(level=logging.INFO if verbose or not armed else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ur5_cfg, safety = load_config(config)
@@ -172,8 +174,8 @@ def run_cli(host: str, armed: bool = False, config: str | os.PathLike | None = N
         changes["instruction"] = instruction
     if task:
         changes["task"] = task
-    if steps:
-        changes["max_steps"] = int(steps)
+    if steps is not None:
+        changes["max_steps"] = steps
     if expected_model:
         changes["expected_model"] = expected_model
     if cameras == "twin":

@@ -80,7 +80,8 @@ class SafetyConfig:
         for f in fields(self):
             v = getattr(self, f.name)
             vals = v if isinstance(v, tuple) else (v,)
-            if f.name != "robot_model" and not all(isinstance(x, (int, float)) and math.isfinite(x) for x in vals):
+            if f.name != "robot_model" and not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in vals):
                 raise SafetyConfigError(f"safety config {f.name} must be finite numbers, got {v!r}")
         for lo, hi, what in ((self.workspace_min, self.workspace_max, "workspace"),
                              (self.joint_min, self.joint_max, "joint")):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ...errors import InputError, RobotConfigError
 from ..scripted import ScriptedPolicyBase
-from .config import FAMILY_ACTION_SPACE
+from .config import FAMILY_ACTION_SPACE, is_count
 from .kinematics import URKinematics
 
 
@@ -24,6 +26,11 @@ class UR5ScriptedPolicy(ScriptedPolicyBase):
         if family not in FAMILY_ACTION_SPACE:
             raise RobotConfigError(
                 f"UR5ScriptedPolicy family must be one of {list(FAMILY_ACTION_SPACE)}, got {family!r}")
+        if not (is_count(horizon) and is_count(period)):
+            raise RobotConfigError(f"UR5ScriptedPolicy horizon and period must be ints >= 1, got {horizon!r}, "
+                                   f"{period!r}")
+        if not (action_hz > 0 and math.isfinite(action_hz) and math.isfinite(speed) and delay_s >= 0):
+            raise RobotConfigError("UR5ScriptedPolicy needs action_hz > 0, a finite speed and delay_s >= 0")
         super().__init__()
         self.family = family
         self.camera_names = ("primary",) if family == "openvla" else ("base", "wrist")

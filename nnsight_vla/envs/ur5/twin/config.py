@@ -45,8 +45,10 @@ class TwinConfig:
             raise InputError(f"TwinConfig.model={self.model!r} is not simulated; choose one of {SIMULATED_MODELS}")
         if len(self.initial_q) != 6 or len(self.tcp_offset) != 6:
             raise InputError("TwinConfig.initial_q and tcp_offset need 6 values each")
-        if self.camera_size < 16 or self.camera_size > 512:
-            raise InputError(f"TwinConfig.camera_size={self.camera_size} must be within 16..512 pixels")
+        if not (isinstance(self.camera_size, int) and 16 <= self.camera_size <= 512):
+            raise InputError(f"TwinConfig.camera_size={self.camera_size!r} must be an int within 16..512 pixels")
+        if not self.physics_hz > 0:
+            raise InputError(f"TwinConfig.physics_hz must be > 0, got {self.physics_hz!r}")
         self.controller_version = tuple(int(v) for v in self.controller_version)  # type: ignore[assignment]
         self.initial_q = tuple(float(v) for v in self.initial_q)
         self.tcp_offset = tuple(float(v) for v in self.tcp_offset)

@@ -36,6 +36,8 @@ def _ports_free(host: str, ports) -> bool:
 
 def free_loopback_host(ports=(*UR_PORTS, ADMIN_PORT), tries: int = 50) -> str:
     """A random ``127.x.y.z`` address whose UR ports are all free (parallel twins, parallel tests)."""
+    if not isinstance(tries, int) or tries < 1:
+        raise TwinError(f"free_loopback_host: tries must be an int >= 1, got {tries!r}")
     rng = random.Random()
     for _ in range(tries):
         host = f"127.{rng.randint(1, 254)}.{rng.randint(1, 254)}.{rng.randint(2, 254)}"
@@ -48,6 +50,8 @@ class TwinClient:
     """JSON-lines client of a twin's admin port."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = ADMIN_PORT, timeout: float = 30.0):
+        if not timeout > 0:
+            raise TwinError(f"TwinClient timeout must be > 0 s, got {timeout!r}")
         self.host, self.port, self.timeout = host, port, timeout
         self._sock: socket.socket | None = None
         self._file = None
@@ -108,6 +112,8 @@ class TwinProcess:
                  controller_version: str | None = None, hang: bool = False, camera_size: int = 64,
                  initial_q=None, collision_stop: bool = True, start_timeout: float = 60.0,
                  extra_args: list[str] | None = None):
+        if not start_timeout > 0:
+            raise TwinError(f"TwinProcess start_timeout must be > 0 s, got {start_timeout!r}")
         self.host = host
         # ``import nnsight_vla`` is light (torch and nnsight load on first use), so ``-m`` costs the twin nothing
         args = [sys.executable, "-m", "nnsight_vla.envs.ur5.twin", "--host", host, "--model", model,

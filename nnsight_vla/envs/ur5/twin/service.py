@@ -68,7 +68,9 @@ class Twin:
             with ctl.lock:
                 return {"ok": True, **json.loads(json.dumps(ctl.stats))}
         if cmd == "commands":
-            since = int(req.get("since", 0))
+            since = req.get("since", 0)
+            if not isinstance(since, int) or since < 0:
+                raise ValueError(f"commands: since must be an index >= 0, got {since!r}")
             with ctl.lock:
                 return {"ok": True, "total": len(ctl.command_log), "commands": ctl.command_log[since:]}
         if cmd == "protective_stop":
@@ -83,7 +85,10 @@ class Twin:
                 ctl.robot_mode = ROBOT_MODE["RUNNING"]
             return {"ok": True}
         if cmd == "pause_stream":
-            self.stream_pause_until = time.perf_counter() + float(req.get("seconds", 1.0))
+            seconds = float(req.get("seconds", 1.0))
+            if not 0 < seconds <= 60:
+                raise ValueError(f"pause_stream: seconds must be in (0, 60], got {seconds!r}")
+            self.stream_pause_until = time.perf_counter() + seconds
             return {"ok": True}
         if cmd == "set_q":
             q = np.asarray(req["q"], float)
