@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image  # at import: a first-use import inside the servo loop stalls the command stream
 
-from ...errors import CameraError, RobotConfigError, RobotHalted, SafetyViolation
+from ...errors import CameraError, ModelOutputError, RobotConfigError, RobotHalted, SafetyViolation
 from ...rollout.conditions import Condition
 from ...rollout.policy import PolicySurface, condition_context, policy_surface
 from ...rollout.records import Episode, EpisodeKey, EpisodeRecorder
@@ -73,6 +73,25 @@ def resolve_plan(config: UR5Config, surface: PolicySurface) -> Plan:
     if ref == "auto":
         ref = "previous" if space == "tcp_delta" else "chunk_start"
     return Plan(space, ref, int(open_loop), bool(close_above), int(size) if size else None)
+
+
+def action_rows(raw: Any, surface: PolicySurface) -> np.ndarray:
+    """A policy's output as rows ``(H, action_dim)`` of floats, H >= 1; :class:`ModelOutputError` for anything else
+    (an empty chunk, another width, not numbers). Non-finite values are refused row by row when executed."""
+    fam, dim = surface.family, surface.action_dim
+    want = f"expected ({dim},) or (H, {dim}) numbers with H >= 1"
+    if raw is None or isinstance(raw, (str, bytes, Mapping)):
+        raise ModelOutputError(f"{fam} policy returned {type(raw).__name__}, not an action; {want}")
+    try:
+        rows = np.asarray(raw, dtype=float)
+    except (TypeError, ValueError) as e:
+        raise ModelOutputError(f"{fam} policy returned {type(raw).__name__} that is not an array of numbers ({e}); "
+                               f"{want}") from None
+    if rows.ndim == 1:
+        rows = rows[None]
+    if rows.ndim != 2 or rows.shape[0] < 1 or rows.shape[1] != dim:
+        raise ModelOutputError(f"{fam} policy returned an action of shape {np.shape(raw)}; {want}")
+    return rows
 
 
 def _prepare_image(img: np.ndarray, size: int | None) -> np.ndarray:
@@ -153,7 +172,7 @@ def _execute(robot: UR5Robot, plan: Plan, config: UR5Config, row: np.ndarray, fi
 
 
 #: errors that end an episode early (the arm stopped) and are recorded with it, and the episode's termination
-_ENDINGS = ((SafetyViolation, "unsafe_action"), (CameraError, "camera_error"))
+_ENDINGS = ((SafetyViolation, "unsafe_action"), (ModelOutputError, "policy_error"), (CameraError, "camera_error"))
 
 
 def run_episode(robot: UR5Robot, policy: Any, condition: Condition, config: UR5Config,
@@ -162,8 +181,8 @@ def run_episode(robot: UR5Robot, policy: Any, condition: Condition, config: UR5C
 
     Ends after ``config.max_steps`` actions, or early, with the arm stopped, when the robot halts (summary
     ``termination``: ``halted:<rule>``, with ``halt_reason``), the policy outputs a non-finite action
-    (``unsafe_action``; it is never sent) or a camera fails (``camera_error``). The per-step records up to that
-    point are kept either way."""
+    (``unsafe_action``; it is never sent), a malformed one (``policy_error``: empty, another width, not numbers)
+    or a camera fails (``camera_error``). The per-step records up to that point are kept either way."""
     surface = check_policy(policy)
     plan = resolve_plan(config, surface)
     missing = [c for c in surface.camera_names if c not in cameras]
@@ -214,12 +233,7 @@ def run_episode(robot: UR5Robot, policy: Any, condition: Condition, config: UR5C
             t0 = perf()
             raw = _predict(policy, condition, images, instruction, state_vec, robot, executor)
             policy_s = perf() - t0
-            rows = np.asarray(raw, dtype=float)
-            if rows.ndim == 1:
-                rows = rows[None]
-            if rows.ndim != 2 or rows.shape[1] < 6:
-                raise RobotConfigError(f"{surface.family} policy returned an action of shape {np.shape(raw)}; "
-                                       f"expected ({surface.action_dim},) or (H, {surface.action_dim})")
+            rows = action_rows(raw, surface)
             q_ref, pose_ref = st.q.copy(), st.tcp_pose.copy()
             for j, row in enumerate(rows[: plan.open_loop]):
                 if step >= config.max_steps:
