@@ -1,5 +1,6 @@
 """Issue 15 on the UR5, end to end through the real ur_rtde client and the controller twin: counts refused (item 2),
-malformed policy outputs ending in a recorded, halted episode (item 4).
+acceleration bounded as a vector, braking included (item 3), malformed policy outputs ending in a recorded, halted
+episode (item 4).
 
 The reference is what the twin received: its log of every RTDE package the client sent (``input_double_register_0..5``
 hold a servoJ / servoL target).
@@ -24,14 +25,19 @@ from nnsight_vla.envs.ur5 import (  # noqa: E402
     TwinProcess,
     UR5Config,
     UR5ScriptedPolicy,
+    URKinematics,
     free_loopback_host,
+    pose_to_matrix,
     run_cli,
     run_conditions,
 )
+from nnsight_vla.envs.ur5.poses import relative_rotvec  # noqa: E402
 from nnsight_vla.rollout.conditions import baseline  # noqa: E402
 from nnsight_vla.rollout.store import ResultsStore  # noqa: E402
 
 HOME = np.array(DEFAULT_HOME_Q)
+DT = 1.0 / 125.0
+KIN = URKinematics("UR5")
 TWIN_CAMS = {"base": "twin:scene", "wrist": "twin:wrist", "primary": "twin:scene"}
 LOOSE = dict(state_timeout_s=1.0)  # the twin shares two busy cores with the tests (see test_ur5.py)
 
@@ -149,3 +155,91 @@ def test_malformed_policy_output_ends_a_recorded_halted_episode(twin, tmp_path, 
     assert "SERVOJ" not in names and "SERVOL" not in names  # nothing of it reached the arm
     assert "SERVO_STOP" in names  # and the arm was told to stop
     np.testing.assert_allclose(twin.admin("status")["q"], HOME, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# item 3: the acceleration limits bound the change of the velocity vector, braking included
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _stream_limits(start: np.ndarray, targets: np.ndarray, kind: str) -> dict:
+    """Speeds and accelerations of a servo stream that starts at rest at ``start`` (joints for servoJ, the pose
+    for servoL), one target every DT: joint values per joint (max), TCP values as vector norms."""
+    seq = np.vstack([start, start, targets])
+    out = {}
+    if kind == "SERVOJ":
+        qd = np.diff(seq, axis=0) / DT
+        out["joint_speed"] = float(np.abs(qd).max())
+        out["joint_acc"] = float(np.abs(np.diff(qd, axis=0)).max() / DT)
+        poses = [KIN.fk(q) for q in seq]
+    else:
+        poses = [pose_to_matrix(p) for p in seq]
+    v = np.diff([T[:3, 3] for T in poses], axis=0) / DT
+    w = np.array([relative_rotvec(b[:3, :3], a[:3, :3]) for a, b in zip(poses, poses[1:])]) / DT
+    out["tcp_speed"] = float(np.linalg.norm(v, axis=1).max())
+    out["tcp_acc"] = float(np.linalg.norm(np.diff(v, axis=0), axis=1).max() / DT)
+    out["tcp_rot_speed"] = float(np.linalg.norm(w, axis=1).max())
+    out["tcp_rot_acc"] = float(np.linalg.norm(np.diff(w, axis=0), axis=1).max() / DT)
+    out["positions"] = np.array([T[:3, 3] for T in poses])
+    return out
+
+
+def _alternating_y(i, state):  # the audit's policy: +-5 cm in y, every call (OpenVLA: single TCP deltas)
+    return np.array([0.0, 0.05 * (-1) ** i, 0.0, 0.0, 0.0, 0.0, 1.0])
+
+
+def _push_minus_y(i, state):
+    return np.array([0.0, -0.05, 0.0, 0.0, 0.0, 0.0, 1.0])
+
+
+def _alternating_joints(i, state):  # pi0: chunks of joint deltas whose rows flip sign every row
+    return np.array([np.concatenate([0.05 * (-1) ** k * np.array([1, -1, 1, -1, 1, -1]), [0.0]]) for k in range(8)])
+
+
+def _lift_joints(i, state):  # pi0: lifting the shoulder, into a low ceiling
+    return np.array([np.concatenate([[0.0, -0.05 * (k + 1), 0.0, 0.0, 0.0, 0.0], [0.0]]) for k in range(8)])
+
+
+HOME_TCP = KIN.fk(HOME)[:3, 3]
+ADVERSARIES = {
+    "alternating y (servoL)": ("openvla", _alternating_y, {}, "SERVOL"),
+    "push into a wall (servoL)": ("openvla", _push_minus_y, {"workspace_min": (-0.70, HOME_TCP[1] - 0.03, 0.15)},
+                                  "SERVOL"),
+    "alternating joints (servoJ)": ("pi0", _alternating_joints, {}, "SERVOJ"),
+    "lift into a ceiling (servoJ)": ("pi0", _lift_joints, {"workspace_max": (-0.25, 0.15, HOME_TCP[2] + 0.03)},
+                                     "SERVOJ"),
+}
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIES))
+def test_adversarial_policies_stay_within_the_acceleration_limits(twin, tmp_path, name):
+    """Measured on the targets the twin received: speeds and accelerations (the change of the velocity vector over
+    one servo period: speeding up, slowing down and turning alike) stay within the limits; a wall or a ceiling is
+    reached without braking harder than they allow, and never crossed. The audit measured 61.5 m/s^2 (limit 1.0)
+    for the alternating policy, 19.5-34.7 rad/s^2 (limit 1.5) on joint streams, 15.9 m/s^2 at a wall."""
+    family, script, box, kind = ADVERSARIES[name]
+    safety = SafetyConfig(**LOOSE, **box)
+    _reset(twin)
+    n0 = _log_len(twin)
+    cfg = UR5Config(max_steps=20, cameras=TWIN_CAMS, gripper="none", open_loop_steps=4)
+    res = run_conditions(Scripted(family, script), [baseline()], cfg, tmp_path / "adv", host=twin.host, armed=True,
+                         safety=safety)
+    assert res.terminations == {"max_steps": 1}, res
+    rec = ResultsStore.open(tmp_path / "adv").records()[0]
+    start = np.asarray(rec["meta"]["start_q" if kind == "SERVOJ" else "start_tcp"], float)
+    targets = _targets(_received(twin, n0), kind)
+    assert len(targets) >= 20 * 12
+    m = _stream_limits(start, targets, kind)
+    print(name, {k: round(v, 4) for k, v in m.items() if k != "positions"})
+    limits = {"tcp_speed": safety.max_tcp_speed, "tcp_acc": safety.max_tcp_acc,
+              "tcp_rot_speed": safety.max_tcp_rot_speed, "tcp_rot_acc": safety.max_tcp_rot_acc}
+    if kind == "SERVOJ":
+        limits.update(joint_speed=safety.max_joint_speed, joint_acc=safety.max_joint_acc)
+    for key, limit in limits.items():
+        assert m[key] <= limit * (1 + 1e-6), (key, m[key], limit)
+    assert m["tcp_speed"] > 0.02  # the arm did move
+    p = m["positions"]
+    assert np.all(p >= np.asarray(safety.workspace_min) - 1e-9) and np.all(p <= np.asarray(safety.workspace_max) + 1e-9)
+    if box:  # it went up to the boundary (within 5 mm)
+        gap = np.minimum(p - safety.workspace_min, np.asarray(safety.workspace_max) - p).min(axis=1)
+        assert gap.min() < 0.005

@@ -149,23 +149,23 @@ def _predict(policy, condition: Condition, images, instruction, state, robot: UR
 
 def _execute(robot: UR5Robot, plan: Plan, config: UR5Config, row: np.ndarray, first: bool, q_ref, pose_ref,
              n_servo: int):
-    """One action: the action-level checks, then ``n_servo`` servo commands from the last command to the action's
-    target. Returns (checked action, what was executed as a delta)."""
+    """One action: the action-level checks, then ``n_servo`` servo commands from the previous action's target to
+    this one's. Returns (checked action, what was executed as a delta)."""
     if plan.action_space == "tcp_delta":
         base = pose_ref if (first and plan.delta_reference == "chunk_start") else robot.pose_action
+        start = robot.pose_action.copy()
         checked = robot.action_tcp(_tcp_target(base, row, config.action_scale))
-        start = robot.pose_cmd.copy()
         for i in range(1, n_servo + 1):
             robot.servo_tcp(interp_pose(start, checked.value, i / n_servo))
         return checked, np.concatenate([checked.value[:3] - base[:3], row[3:6]])
+    start = robot.q_action.copy()
     if plan.action_space == "joint_abs":
         target_q = row[:6]
     elif plan.delta_reference == "previous":
-        target_q = robot.q_action + config.action_scale * row[:6]
+        target_q = start + config.action_scale * row[:6]
     else:
         target_q = q_ref + config.action_scale * row[:6]
     checked = robot.action_joint(target_q)
-    start = robot.q_cmd.copy()
     for i in range(1, n_servo + 1):
         robot.servo_joint(start + (checked.value - start) * (i / n_servo))
     return checked, checked.value - (q_ref if plan.delta_reference == "chunk_start" else start)

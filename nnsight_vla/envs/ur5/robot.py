@@ -25,8 +25,7 @@ from ...rollout.records import jsonable
 from .config import UR5Config
 from .kinematics import URKinematics
 from .probe import ControllerInfo, check_model, probe_controller
-from .poses import matrix_to_pose
-from .safety import Checked, SafetyConfig, SafetyEnvelope, Watchdog
+from .safety import Checked, SafetyConfig, SafetyEnvelope, ServoState, Watchdog
 
 log = logging.getLogger("nnsight_vla.ur5")
 
@@ -207,9 +206,7 @@ class UR5Robot:
         self._ts_last, self._ts_change = None, time.monotonic()
         self._servoing = False
         self._next_tick = 0.0
-        self.q_cmd = self.v_cmd = None
-        self.pose_cmd = None
-        self.v_tcp_cmd = 0.0
+        self.servo: ServoState | None = None  # the last streamed command and its velocities
         self.q_action = None  # last action-level joint target
         self.pose_action = None
         self._last_kind = "joint"
@@ -437,8 +434,7 @@ class UR5Robot:
     def begin_servo(self) -> None:
         """Start streaming servo commands from the current state."""
         st = self.check()
-        self.q_cmd, self.v_cmd = st.q.copy(), np.zeros(6)
-        self.pose_cmd, self.v_tcp_cmd = st.tcp_pose.copy(), 0.0
+        self.servo = ServoState.at_rest(st.q, st.tcp_pose)
         self.q_action, self.pose_action = st.q.copy(), st.tcp_pose.copy()
         self._next_tick = time.monotonic()
         self._servoing = True
@@ -496,26 +492,30 @@ class UR5Robot:
         self.pose_action = checked.value
         return checked
 
+    @property
+    def q_cmd(self) -> np.ndarray | None:
+        """Joints of the last streamed command."""
+        return None if self.servo is None else self.servo.q
+
+    @property
+    def pose_cmd(self) -> np.ndarray | None:
+        """TCP pose of the last streamed command."""
+        return None if self.servo is None else self.servo.pose
+
     def servo_joint(self, q_target) -> Checked:
         """One servoJ command (paced at ``servo_hz``); checked by the envelope, sent only when armed."""
         self._require_servo()
-        checked = self.envelope.servo_joint(self.q_cmd, self.v_cmd, q_target, self.dt)
+        checked, nxt = self.envelope.servo_joint(self.servo, q_target, self.dt)
         self._send_servo("servoJ", q_target, checked)
-        self._last_kind = "joint"
-        self.v_cmd = (checked.value - self.q_cmd) / self.dt
-        self.q_cmd = checked.value
-        self.pose_cmd = matrix_to_pose(self.kin.fk(self.q_cmd))
+        self._last_kind, self.servo = "joint", nxt
         return checked
 
     def servo_tcp(self, pose_target) -> Checked:
         """One servoL command (paced at ``servo_hz``); checked by the envelope, sent only when armed."""
         self._require_servo()
-        checked, q = self.envelope.servo_tcp(self.pose_cmd, self.v_tcp_cmd, pose_target, self.q_cmd, self.dt)
+        checked, nxt = self.envelope.servo_tcp(self.servo, pose_target, self.dt)
         self._send_servo("servoL", pose_target, checked)
-        self._last_kind = "tcp"
-        self.v_tcp_cmd = float(np.linalg.norm(checked.value[:3] - self.pose_cmd[:3])) / self.dt
-        self.pose_cmd = checked.value
-        self.q_cmd = q
+        self._last_kind, self.servo = "tcp", nxt
         return checked
 
     def _require_servo(self) -> None:
@@ -545,11 +545,13 @@ class UR5Robot:
         self._log(entry)
 
     def hold(self) -> None:
-        """Repeat the last servo target for one period (keeps the stream and the controller watchdog alive)."""
+        """One servo period toward where the stream comes to rest when it brakes within the acceleration limits
+        (keeps the stream and the controller watchdog alive while the policy thinks)."""
+        target = self.envelope.stop_target(self.servo, self._last_kind)
         if self._last_kind == "tcp":
-            self.servo_tcp(self.pose_cmd)
+            self.servo_tcp(target)
         else:
-            self.servo_joint(self.q_cmd)
+            self.servo_joint(target)
 
     def _send_io(self, pin: int, value: bool) -> None:
         self.check()

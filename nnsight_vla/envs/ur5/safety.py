@@ -2,8 +2,8 @@
 
 :class:`SafetyConfig` holds the limits (conservative defaults for a UR5 picking on a table in front of its base),
 :class:`SafetyEnvelope` checks policy actions and streamed servo commands against them and names the rules that
-changed or refused a command (:data:`RULES`; docs/ur5.md explains each), :class:`Watchdog` catches a policy that
-stopped answering.
+changed or refused a command (:data:`RULES`; docs/ur5.md explains each, and how a stream still stops safely under
+an acceleration limit that also bounds braking), :class:`Watchdog` catches a policy that stopped answering.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from ...errors import RobotHalted, SafetyConfigError, SafetyViolation
 from .kinematics import UR_DH_PARAMS, URKinematics
-from .poses import matrix_to_pose, pose_to_matrix, relative_rotvec, rotation_angle, rotvec_to_matrix
+from .poses import pose_to_matrix, relative_rotvec, rotvec_to_matrix, matrix_to_pose
 from .protocol import ROBOT_MODE, SAFETY_MODE, robot_mode_name, safety_mode_name
 
 #: rule names, in the order the envelope applies them
@@ -28,6 +28,14 @@ RULES = ("nonfinite", "joint_step", "tcp_step", "rot_step", "joint_limits", "wor
          "joint_acc", "tcp_speed", "tcp_acc", "watchdog", "state")
 
 _PI = math.pi
+_TOL = 1e-9  # relative slack on limit comparisons (floating point), far below anything physical
+# A straight TCP line needs changing joint speeds and constant joint speeds curve the TCP (at the default limits up
+# to 0.7 rad/s^2 and 0.22 m/s^2): limits of the other space, applied through the Jacobian, aim at 80 % of the limit,
+# and streams stay able to stop at half the acceleration limits, so that braking always fits under them.
+# Stopping points are predicted 25 % farther than that: braking slows the TCP and the joints at rates that drift
+# apart along the way (the Jacobian changes), so the prediction drifts by a few percent while the arm brakes.
+_LINEAR, _LINEAR_SPEED = 0.8, 0.99
+_BRAKE, _PREDICT = 0.5, 1.25
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,8 @@ class SafetyConfig:
     The default box, x in [-0.70, -0.25], y in [-0.35, 0.15], z in [0.15, 0.65], sits in front of the base
     around the flange position of the home pose (0, -90, 90, -90, -90, 0 degrees), at least 15 cm above the
     base plane: room for a ~15 cm gripper over a table at base height. Measure your cell and set your own.
+    The acceleration limits bound every change of the streamed velocity vector, braking included;
+    ``stop_decel`` is the joint deceleration of a stop (servoStop at a halt or at the end of a stream).
     """
 
     robot_model: str = "UR5"
@@ -47,10 +57,11 @@ class SafetyConfig:
     joint_min: tuple[float, ...] = (-_PI, -_PI, 0.0, -_PI, -_PI, -_PI)
     joint_max: tuple[float, ...] = (_PI, 0.0, _PI, 0.0, 0.0, _PI)
     max_joint_speed: float = 0.5  # rad/s (the UR5 can do 3.14)
-    max_joint_acc: float = 1.5  # rad/s^2
+    max_joint_acc: float = 1.5  # rad/s^2, per joint, speeding up, slowing down and turning alike
     max_tcp_speed: float = 0.25  # m/s (ISO/TS 15066-ish collaborative speed)
     max_tcp_rot_speed: float = 1.0  # rad/s
-    max_tcp_acc: float = 1.0  # m/s^2
+    max_tcp_acc: float = 1.0  # m/s^2, |v - v_prev| / dt of the TCP's velocity vector
+    max_tcp_rot_acc: float = 4.0  # rad/s^2, |w - w_prev| / dt of the TCP's angular velocity vector
     max_joint_step: float = 0.05  # rad per policy action (0.5 rad/s at 10 Hz)
     max_tcp_step: float = 0.025  # m per policy action (0.25 m/s at 10 Hz)
     max_rot_step: float = 0.1  # rad per policy action
@@ -58,7 +69,7 @@ class SafetyConfig:
     state_timeout_s: float = 0.2  # robot state must be fresher than this
     move_speed: float = 0.3  # rad/s for moveJ (e.g. going to the start pose)
     move_acc: float = 0.5  # rad/s^2 for moveJ
-    stop_decel: float = 2.0  # rad/s^2 for stopJ
+    stop_decel: float = 2.0  # rad/s^2: how hard a stop (servoStop) brakes the joints
     servo_lookahead: float = 0.1  # servoJ/servoL lookahead time (s), UR range 0.03..0.2
     servo_gain: float = 300.0  # servoJ/servoL gain, UR range 100..2000
     controller_watchdog_hz: float = 0.0  # >0: the controller stops the program if commands stop arriving
@@ -90,8 +101,8 @@ class SafetyConfig:
                 raise SafetyConfigError(f"safety config {what}_min must be below {what}_max on every axis; "
                                         f"axis {bad} is not ({lo} .. {hi})")
         for name in ("max_joint_speed", "max_joint_acc", "max_tcp_speed", "max_tcp_rot_speed", "max_tcp_acc",
-                     "max_joint_step", "max_tcp_step", "max_rot_step", "watchdog_s", "state_timeout_s",
-                     "move_speed", "move_acc", "stop_decel"):
+                     "max_tcp_rot_acc", "max_joint_step", "max_tcp_step", "max_rot_step", "watchdog_s",
+                     "state_timeout_s", "move_speed", "move_acc", "stop_decel"):
             if not getattr(self, name) > 0:
                 raise SafetyConfigError(f"safety config {name} must be > 0, got {getattr(self, name)!r}")
         if self.max_joint_speed > math.pi or self.max_tcp_speed > 1.0 or self.move_speed > math.pi:
@@ -158,6 +169,25 @@ class Checked:
     held: bool = False  # the command was replaced by "stay where you are"
 
 
+@dataclass(frozen=True)
+class ServoState:
+    """The last streamed servo command: joints, TCP pose, and the velocities of the step that led there (what the
+    acceleration limits compare with). ``target`` is the last waypoint asked for (None: none yet)."""
+
+    q: np.ndarray
+    pose: np.ndarray
+    qd: np.ndarray
+    v: np.ndarray
+    w: np.ndarray
+    target: np.ndarray | None = None
+    target_kind: str | None = None
+
+    @classmethod
+    def at_rest(cls, q, pose) -> "ServoState":
+        z = np.zeros(3)
+        return cls(np.asarray(q, float).copy(), np.asarray(pose, float).copy(), np.zeros(6), z, z.copy())
+
+
 class Watchdog:
     """Stale policy output detector: ``feed(t_obs)`` when an observation is taken, ``check(now)`` before acting.
 
@@ -187,16 +217,35 @@ class Watchdog:
                               "the arm was stopped", rule="watchdog")
 
 
+def stop_speed(distance: float, acc: float, dt: float) -> float:
+    """The highest speed for the next step of ``dt`` from which braking at ``acc`` (a step at a time) still stops
+    within ``distance``: ``sqrt(2 a d) - a dt / 2`` (exact for the discrete steps), a single last step when short."""
+    if distance <= 0:
+        return 0.0
+    v = math.sqrt(2.0 * acc * distance) - 0.5 * acc * dt
+    return min(distance / dt, max(v, min(distance / dt, acc * dt)))
+
+
 def _norm(x) -> float:
     return float(np.linalg.norm(x))
+
+
+def _amax(x) -> float:
+    return float(np.max(np.abs(x)))
 
 
 def _cap(vec: np.ndarray, limit: float, norm=_norm) -> tuple[np.ndarray, bool]:
     """``vec`` scaled down to ``norm(vec) <= limit`` (direction kept); whether it had to be."""
     n = norm(vec)
-    if n > limit:
+    if n > limit * (1 + _TOL):
         return vec * (limit / n), True
     return vec, False
+
+
+def _add(fired: list[str], rules) -> None:
+    for r in rules:
+        if r not in fired:
+            fired.append(r)
 
 
 class SafetyEnvelope:
@@ -205,8 +254,10 @@ class SafetyEnvelope:
     Two levels:
 
     * policy actions (:meth:`action_joint`, :meth:`action_tcp`): per-step clamps, joint limits, workspace;
-    * streamed servo commands (:meth:`servo_joint`, :meth:`servo_tcp`): everything again plus speed and
-      acceleration limits at the servo period ``dt``. The runner sends nothing that did not pass here.
+    * streamed servo commands (:meth:`servo_joint`, :meth:`servo_tcp`): joint limits, workspace, joint and TCP
+      speed and acceleration at the servo period ``dt``, from a :class:`ServoState` to the next one. A stream
+      always stays able to stop inside the joint limits and the workspace without braking harder than the
+      acceleration limits. The runner sends nothing that did not pass here.
     """
 
     def __init__(self, config: SafetyConfig | None = None):
@@ -232,6 +283,19 @@ class SafetyEnvelope:
     def _box_distance(self, p) -> float:
         p = np.asarray(p, float)[:3]
         return _norm(np.maximum(self.wmin - p, 0) + np.maximum(p - self.wmax, 0))
+
+    def _box_ok(self, p_from, points) -> bool:
+        """Every point inside the box; from outside it, none farther from it than ``p_from`` is."""
+        if self.in_workspace(p_from):
+            return all(self.in_workspace(p) for p in points)
+        d0 = self._box_distance(p_from) + 1e-9
+        return all(self._box_distance(p) <= d0 for p in points)
+
+    def _joints_ok(self, q_from, points) -> bool:
+        """Every joint vector inside the limits; a joint already outside them may only come back."""
+        lo = np.minimum(self.jmin, q_from) - 1e-9
+        hi = np.maximum(self.jmax, q_from) + 1e-9
+        return all(bool(np.all(q >= lo) and np.all(q <= hi)) for q in points)
 
     def clamp_joint_limits(self, q) -> tuple[np.ndarray, bool]:
         c = np.clip(q, self.jmin, self.jmax)
@@ -307,96 +371,200 @@ class SafetyEnvelope:
         return Checked(matrix_to_pose(T), fired)
 
     # -- streamed servo commands
-    def servo_joint(self, q_prev, v_prev, q_target, dt: float) -> Checked:
-        """One servoJ target ``dt`` seconds after the previous one (``q_prev``, sent with joint velocity
-        ``v_prev``): finite, joint limits, joint speed/acceleration, TCP speed/acceleration, workspace."""
+    def stop_time(self, qd, v, w) -> float:
+        """Seconds a stream moving at joint velocity ``qd`` (TCP ``v``, ``w``) takes to stop when it brakes at half
+        the acceleration limits (every velocity at the same rate)."""
+        c = self.config
+        return max(_amax(qd) / c.max_joint_acc, _norm(v) / c.max_tcp_acc, _norm(w) / c.max_tcp_rot_acc) / _BRAKE
+
+    def stop_target(self, state: ServoState, kind: str) -> np.ndarray:
+        """Where ``state`` comes to rest when it brakes at the acceleration limits (a ``hold`` target)."""
+        t = self.stop_time(state.qd, state.v, state.w) / 2
+        if kind == "joint":
+            return state.q + state.qd * t
+        T = pose_to_matrix(state.pose)
+        T[:3, :3] = rotvec_to_matrix(state.w * t) @ T[:3, :3]
+        T[:3, 3] += state.v * t
+        return matrix_to_pose(T)
+
+    def _brake_factor(self, state: ServoState, dt: float) -> float:
+        """Velocity scale of one braking step: slows every velocity at the same rate, within every limit."""
+        t = self.stop_time(state.qd, state.v, state.w)
+        return max(0.0, 1.0 - dt / t) if t > dt else 0.0
+
+    def _lag(self, state: ServoState, kind: str) -> np.ndarray | None:
+        """From the current command to the previous waypoint of the same kind (None: there is none)."""
+        if state.target is None or state.target_kind != kind:
+            return None
+        if kind == "joint":
+            return state.target - state.q
+        T_prev, T_t = pose_to_matrix(state.pose), pose_to_matrix(state.target)
+        return np.concatenate([T_t[:3, 3] - T_prev[:3, 3], relative_rotvec(T_t[:3, :3], T_prev[:3, :3])])
+
+    @staticmethod
+    def _desired(error: np.ndarray, lag: np.ndarray | None, dt: float, norm, acc: float) -> np.ndarray:
+        """Velocity toward a waypoint ``error`` away: the waypoints' own velocity (feed-forward) plus a correction
+        of the ``lag`` behind the previous waypoint (None: there is none) slow enough to brake to a stop on it."""
+        if lag is None:
+            return error / dt
+        d = norm(lag)
+        return (error - lag) / dt + (lag * (stop_speed(d, acc, dt) / d) if d > 0 else 0.0)
+
+    @staticmethod
+    def _fit(vec: np.ndarray, limits, fired: list[str], rule: str) -> np.ndarray:
+        """``vec`` scaled down until every ``(image, limit)`` pair holds: ``norm(M @ vec) <= limit`` per pair."""
+        scale = 1.0
+        for image, limit in limits:
+            n = image(vec)
+            if n > limit * (1 + _TOL):
+                scale = min(scale, limit / n)
+        if scale < 1.0:
+            _add(fired, [rule])
+        return vec * scale
+
+    def _search(self, state: ServoState, v, v_brake, step, fired: list[str]):
+        """The step ``v`` if it passes every check, else the largest fraction of the way from braking to ``v`` that
+        does (bisection); braking itself when nothing else does. ``step(state, v) -> (result, failed rules)``."""
+        nxt, failed = step(state, v)
+        if not failed:
+            return nxt
+        _add(fired, failed)
+        best, failed_b = step(state, v_brake)
+        if failed_b:
+            return best  # braking is the safest thing left; the fired rules say why it was needed
+        lo, hi = 0.0, 1.0
+        for _ in range(10):
+            mid = 0.5 * (lo + hi)
+            cand, f = step(state, v_brake + mid * (v - v_brake))
+            if f:
+                hi = mid
+            else:
+                lo, best = mid, cand
+        return best
+
+    def servo_joint(self, state: ServoState, q_target, dt: float) -> tuple[Checked, ServoState]:
+        """One servoJ target ``dt`` after ``state``: finite, joint limits, joint speed/acceleration, TCP
+        speed/acceleration, workspace. Returns the checked target and the state it leads to."""
         c = self.config
         q_target = self.require_finite(q_target, "servoJ target")
-        q_prev, v_prev = np.asarray(q_prev, float), np.asarray(v_prev, float)
-        fired = []
-        q, clipped = self.clamp_joint_limits(q_target)
+        fired: list[str] = []
+        q_t, clipped = self.clamp_joint_limits(q_target)
         if clipped:
             fired.append("joint_limits")
-        v = (q - q_prev) / dt
-        vmax = float(np.max(np.abs(v)))
-        if vmax > c.max_joint_speed:
-            v *= c.max_joint_speed / vmax
-            fired.append("joint_speed")
-        # acceleration: speeding up (or reversing) is limited, slowing down is free
-        a_step = c.max_joint_acc * dt
-        same = np.sign(v) == np.sign(v_prev)
-        cap = np.where(same, np.abs(v_prev) + a_step, a_step)
-        if np.any(np.abs(v) > cap + 1e-12):
-            v = np.sign(v) * np.minimum(np.abs(v), cap)
-            fired.append("joint_acc")
-        # TCP speed and acceleration (shrink the whole step)
-        T_prev = self.kin.fk(q_prev)
-        T_new = self.kin.fk(q_prev + v * dt)
-        lin = float(np.linalg.norm(T_new[:3, 3] - T_prev[:3, 3])) / dt
-        rot = rotation_angle(T_new[:3, :3], T_prev[:3, :3]) / dt
-        scale = 1.0
-        if lin > c.max_tcp_speed:
-            scale = min(scale, c.max_tcp_speed / lin)
-        if rot > c.max_tcp_rot_speed:
-            scale = min(scale, c.max_tcp_rot_speed / rot)
-        if scale < 1.0:
-            v *= scale * 0.999
-            fired.append("tcp_speed")
-        v_tcp_prev = float(np.linalg.norm((self.kin.jacobian(q_prev) @ v_prev)[:3]))
-        lin = float(np.linalg.norm(self.kin.fk(q_prev + v * dt)[:3, 3] - T_prev[:3, 3])) / dt
-        if lin > v_tcp_prev + c.max_tcp_acc * dt + 1e-9:
-            v *= (v_tcp_prev + c.max_tcp_acc * dt) / lin
-            fired.append("tcp_acc")
-        dq = v * dt
-        f = self._workspace_fraction(q_prev, dq)
-        if f < 1.0:
-            dq *= f
-            fired.append("workspace")
-        return Checked(q_prev + dq, fired, held=bool(np.allclose(dq, 0.0)) and bool(fired))
+        # linearised TCP limits (the Jacobian at the current command) keep the exact checks below mostly passing
+        J = self.kin.jacobian(state.q)
+        lin, rot = (lambda x: _norm(J[:3] @ x)), (lambda x: _norm(J[3:] @ x))
+        lag = self._lag(state, "joint")
+        u = lag if lag is not None and _amax(lag) > 0 else q_t - state.q
+        acc = c.max_joint_acc
+        if _amax(u) > 0:
+            u = u / _amax(u)
+            acc = min(acc, _LINEAR * c.max_tcp_acc / max(lin(u), 1e-9), _LINEAR * c.max_tcp_rot_acc / max(rot(u), 1e-9))
+        v = self._desired(q_t - state.q, lag, dt, _amax, acc)
+        v = self._fit(v, [(_amax, c.max_joint_speed)], fired, "joint_speed")
+        v = self._fit(v, [(lin, _LINEAR_SPEED * c.max_tcp_speed), (rot, _LINEAR_SPEED * c.max_tcp_rot_speed)], fired,
+                      "tcp_speed")
+        dv = self._fit(v - state.qd, [(_amax, c.max_joint_acc * dt)], fired, "joint_acc")
+        dv = self._fit(dv, [(lin, _LINEAR * c.max_tcp_acc * dt), (rot, _LINEAR * c.max_tcp_rot_acc * dt)], fired,
+                       "tcp_acc")
+        v_brake = state.qd * self._brake_factor(state, dt)
+        nxt = self._search(state, state.qd + dv, v_brake, lambda s, qd: self._joint_step(s, qd, dt), fired)
+        q_hard, _ = self.clamp_joint_limits(nxt.q) if self._joints_ok(state.q, (state.q,)) else (nxt.q, False)
+        f = self._workspace_fraction(state.q, q_hard - state.q)
+        if f < 1.0 or np.any(q_hard != nxt.q):  # last resort, never needed while braking fits: stop at the boundary
+            _add(fired, ["workspace" if f < 1.0 else "joint_limits"])
+            nxt, _ = self._joint_step(state, f * (q_hard - state.q) / dt, dt)
+        nxt = replace(nxt, target=q_t, target_kind="joint")
+        return Checked(nxt.q, fired, held=bool(np.allclose(nxt.q, state.q)) and bool(fired)), nxt
 
-    def servo_tcp(self, pose_prev, v_prev, pose_target, q_seed, dt: float) -> tuple[Checked, np.ndarray]:
-        """One servoL target ``dt`` after ``pose_prev`` (sent with TCP linear speed ``v_prev`` m/s).
-
-        Returns the checked pose and the joint solution used for the joint-level checks."""
+    def _joint_step(self, state: ServoState, qd: np.ndarray, dt: float) -> tuple[ServoState, list[str]]:
         c = self.config
-        pose_target = self.require_finite(pose_target, "servoL target")
-        T_prev, T_t = pose_to_matrix(pose_prev), pose_to_matrix(pose_target)
-        fired = []
+        q = state.q + qd * dt
+        T = self.kin.fk(q)
+        T_prev = pose_to_matrix(state.pose)
+        v = (T[:3, 3] - T_prev[:3, 3]) / dt
+        w = relative_rotvec(T[:3, :3], T_prev[:3, :3]) / dt
+        failed = []
+        if _norm(v) > c.max_tcp_speed * (1 + _TOL) or _norm(w) > c.max_tcp_rot_speed * (1 + _TOL):
+            failed.append("tcp_speed")
+        if (_norm(v - state.v) > c.max_tcp_acc * dt * (1 + _TOL)
+                or _norm(w - state.w) > c.max_tcp_rot_acc * dt * (1 + _TOL)):
+            failed.append("tcp_acc")
+        q_stop = q + qd * (_PREDICT * self.stop_time(qd, v, w) / 2)  # braking every joint at one rate: a straight line
+        if not self._joints_ok(state.q, (q, q_stop)):
+            failed.append("joint_limits")
+        path = [T[:3, 3]]
+        if np.any(q_stop != q):
+            path += [self.kin.fk(0.5 * (q + q_stop))[:3, 3], self.kin.fk(q_stop)[:3, 3]]
+        if not self._box_ok(T_prev[:3, 3], path):
+            failed.append("workspace")
+        return ServoState(q, matrix_to_pose(T), qd, v, w), failed
+
+    def servo_tcp(self, state: ServoState, pose_target, dt: float) -> tuple[Checked, ServoState]:
+        """One servoL target ``dt`` after ``state``: finite, workspace, TCP speed/acceleration, and the joint
+        limits, speed and acceleration of its inverse kinematics. Returns the checked pose and the next state."""
+        c = self.config
+        T_t = pose_to_matrix(self.require_finite(pose_target, "servoL target"))
+        fired: list[str] = []
         p_t = np.clip(T_t[:3, 3], self.wmin, self.wmax)
         if np.any(p_t != T_t[:3, 3]):
             fired.append("workspace")
-        dp = p_t - T_prev[:3, 3]
-        rv = relative_rotvec(T_t[:3, :3], T_prev[:3, :3])
-        lin, rot = float(np.linalg.norm(dp)) / dt, float(np.linalg.norm(rv)) / dt
-        scale = 1.0
-        if lin > c.max_tcp_speed:
-            scale = min(scale, c.max_tcp_speed / lin)
-        if rot > c.max_tcp_rot_speed:
-            scale = min(scale, c.max_tcp_rot_speed / rot)
-        if scale < 1.0:
-            fired.append("tcp_speed")
-        v_cap = float(v_prev) + c.max_tcp_acc * dt
-        if lin * scale > v_cap + 1e-12:
-            scale = v_cap / lin
-            fired.append("tcp_acc")
-        dp, rv = dp * scale, rv * scale
-        q_prev = np.asarray(q_seed, float)
-        for _ in range(4):  # joint-level checks on the IK solution; shrink the step if needed
-            T = np.eye(4)
-            T[:3, :3] = rotvec_to_matrix(rv) @ T_prev[:3, :3]
-            T[:3, 3] = T_prev[:3, 3] + dp
-            q, ok = self.kin.ik(T, q_prev)
-            if not ok or np.any(q < self.jmin) or np.any(q > self.jmax):
-                fired.append("joint_limits")
-                return Checked(np.asarray(pose_prev, float), fired, held=True), q_prev
-            vj = float(np.max(np.abs(q - q_prev))) / dt
-            if vj <= c.max_joint_speed * 1.0001:
-                return Checked(matrix_to_pose(T), fired), q
-            shrink = c.max_joint_speed / vj * 0.999
-            dp, rv = dp * shrink, rv * shrink
-            if "joint_speed" not in fired:
-                fired.append("joint_speed")
-        return Checked(np.asarray(pose_prev, float), fired, held=True), q_prev
+            T_t[:3, 3] = p_t
+        target = matrix_to_pose(T_t)
+        T_prev = pose_to_matrix(state.pose)
+        error = np.concatenate([p_t - T_prev[:3, 3], relative_rotvec(T_t[:3, :3], T_prev[:3, :3])])
+        # joint velocity per TCP twist (damped inverse of the Jacobian at the current command): the linearised joint
+        # limits keep the exact checks of the inverse kinematics below mostly passing
+        J = self.kin.jacobian(state.q)
+        J_inv = J.T @ np.linalg.inv(J @ J.T + 1e-6 * np.eye(6))
+        joints = lambda x: _amax(J_inv @ x)  # noqa: E731
+        lag = self._lag(state, "tcp")
+        vw = np.zeros(6)
+        for part, a_max in ((slice(0, 3), c.max_tcp_acc), (slice(3, 6), c.max_tcp_rot_acc)):
+            u = np.zeros(6)
+            u[part] = (lag if lag is not None and _norm(lag[part]) > 0 else error)[part]
+            acc = a_max if _norm(u) == 0 else min(a_max, _LINEAR * c.max_joint_acc * _norm(u) / max(joints(u), 1e-9))
+            vw[part] = self._desired(error[part], None if lag is None else lag[part], dt, _norm, acc)
+        vw = self._fit(vw, [(lambda x: _norm(x[:3]), c.max_tcp_speed), (lambda x: _norm(x[3:]), c.max_tcp_rot_speed)],
+                       fired, "tcp_speed")
+        vw = self._fit(vw, [(joints, _LINEAR_SPEED * c.max_joint_speed)], fired, "joint_speed")
+        prev = np.concatenate([state.v, state.w])
+        dvw = self._fit(vw - prev, [(lambda x: _norm(x[:3]), c.max_tcp_acc * dt),
+                                    (lambda x: _norm(x[3:]), c.max_tcp_rot_acc * dt)], fired, "tcp_acc")
+        dvw = self._fit(dvw, [(joints, _LINEAR * c.max_joint_acc * dt)], fired, "joint_acc")
+        vw_brake = prev * self._brake_factor(state, dt)
+        # the workspace first (no inverse kinematics needed), then the joint-level checks of the IK solution
+        vw = self._search(state, prev + dvw, vw_brake, lambda s, x: self._tcp_box(s, x, dt, J_inv), fired)
+        if self.in_workspace(state.pose) and not self.in_workspace(state.pose[:3] + vw[:3] * dt):
+            _add(fired, ["workspace"])  # last resort, never needed while braking fits: stop at the boundary
+            vw[:3] = (np.clip(state.pose[:3] + vw[:3] * dt, self.wmin, self.wmax) - state.pose[:3]) / dt
+        nxt = self._search(state, vw, vw_brake, lambda s, x: self._tcp_step(s, x, dt), fired)
+        if nxt is None:  # not even braking has an inverse kinematics solution inside the joint limits
+            _add(fired, ["joint_limits"])
+            return Checked(np.asarray(state.pose, float), fired, held=True), ServoState.at_rest(state.q, state.pose)
+        nxt = replace(nxt, target=target, target_kind="tcp")
+        return Checked(nxt.pose, fired, held=bool(np.allclose(nxt.pose, state.pose)) and bool(fired)), nxt
+
+    def _tcp_box(self, state: ServoState, vw: np.ndarray, dt: float, J_inv) -> tuple[np.ndarray, list[str]]:
+        p = state.pose[:3] + vw[:3] * dt
+        stop = p + vw[:3] * (_PREDICT * self.stop_time(J_inv @ vw, vw[:3], vw[3:]) / 2)  # braking: a straight line
+        return vw, ([] if self._box_ok(state.pose[:3], (p, stop)) else ["workspace"])
+
+    def _tcp_step(self, state: ServoState, vw: np.ndarray, dt: float) -> tuple[ServoState | None, list[str]]:
+        c = self.config
+        T = pose_to_matrix(state.pose)
+        T[:3, :3] = rotvec_to_matrix(vw[3:] * dt) @ T[:3, :3]
+        T[:3, 3] += vw[:3] * dt
+        q, ok = self.kin.ik(T, state.q)
+        if not ok or not self._joints_ok(state.q, (q,)):
+            return None, ["joint_limits"]
+        qd = (q - state.q) / dt
+        failed = []
+        if _amax(qd) > c.max_joint_speed * (1 + _TOL):
+            failed.append("joint_speed")
+        if _amax(qd - state.qd) > c.max_joint_acc * dt * (1 + _TOL):
+            failed.append("joint_acc")
+        return ServoState(q, matrix_to_pose(T), qd, vw[:3].copy(), vw[3:].copy()), failed
 
     # -- robot state
     def check_state(self, *, connected: bool, safety_mode: int, robot_mode: int, state_age_s: float,
