@@ -1,6 +1,6 @@
 """Issue 15 on the UR5, end to end through the real ur_rtde client and the controller twin: counts refused (item 2),
 acceleration bounded as a vector, braking included (item 3), malformed policy outputs ending in a recorded, halted
-episode (item 4).
+episode (item 4), a twin that stays private (item 11).
 
 The reference is what the twin received: its log of every RTDE package the client sent (``input_double_register_0..5``
 hold a servoJ / servoL target).
@@ -8,7 +8,11 @@ hold a servoJ / servoL target).
 
 from __future__ import annotations
 
+import json
+import math
 import re
+import socket
+import stat
 import time
 
 import numpy as np
@@ -21,6 +25,8 @@ from nnsight_vla.envs.ur5 import (  # noqa: E402
     DEFAULT_HOME_Q,
     RobotConfigError,
     SafetyConfig,
+    TwinClient,
+    TwinConfig,
     TwinError,
     TwinProcess,
     UR5Config,
@@ -32,6 +38,8 @@ from nnsight_vla.envs.ur5 import (  # noqa: E402
     run_conditions,
 )
 from nnsight_vla.envs.ur5.poses import relative_rotvec  # noqa: E402
+from nnsight_vla.envs.ur5.twin.config import token_path  # noqa: E402
+from nnsight_vla.errors import InputError  # noqa: E402
 from nnsight_vla.rollout.conditions import baseline  # noqa: E402
 from nnsight_vla.rollout.store import ResultsStore  # noqa: E402
 
@@ -243,3 +251,41 @@ def test_adversarial_policies_stay_within_the_acceleration_limits(twin, tmp_path
     if box:  # it went up to the boundary (within 5 mm)
         gap = np.minimum(p - safety.workspace_min, np.asarray(safety.workspace_max) - p).min(axis=1)
         assert gap.min() < 0.005
+
+
+# ----------------------------------------------------------------------------------------------------------
+# item 11: the twin is private by default
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _raw_admin(host: str, request: dict) -> dict:
+    with socket.create_connection((host, 30020), timeout=10) as sock:
+        f = sock.makefile("rwb")
+        f.write((json.dumps(request) + "\n").encode())
+        f.flush()
+        return json.loads(f.readline())
+
+
+def test_twin_listens_on_loopback_and_its_admin_port_needs_its_token(twin):
+    """The admin port answered anyone and the twin bound any --host. Now a non-loopback host is refused unless
+    acknowledged, and every admin request needs the twin's token, which its user alone can read."""
+    for host in ("0.0.0.0", "192.0.2.1"):
+        with pytest.raises(InputError, match="loopback"):
+            TwinConfig(host=host)
+        with pytest.raises(TwinError, match="loopback"):
+            TwinProcess(host)
+    assert TwinConfig(host="0.0.0.0", allow_remote=True).allow_remote  # an explicit acknowledgement
+    _reset(twin)
+    for request in ({"cmd": "status"}, {"cmd": "status", "token": "wrong" * 8},
+                    {"cmd": "set_q", "q": (HOME + 0.3).tolist()}, {"cmd": "shutdown"}):
+        reply = _raw_admin(twin.host, request)
+        assert reply == {"ok": False, "error": "admin token missing or wrong"}, reply
+    assert twin.alive() and np.allclose(twin.admin("status")["q"], HOME)  # neither moved nor stopped
+    # the process that started it holds the token; other clients of the same user read it from a private file
+    path = token_path(twin.host, 30020)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert path.read_text() == twin.token
+    assert TwinClient(twin.host).request("status")["ok"]
+    with pytest.raises(TwinError, match="token missing or wrong"):
+        TwinClient(twin.host, token="x" * 32).request("status")
+    assert math.isfinite(_raw_admin(twin.host, {"cmd": "status", "token": twin.token})["time"])

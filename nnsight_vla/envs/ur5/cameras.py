@@ -62,16 +62,18 @@ class OpenCVCamera(CameraSource):
 
 
 class TwinCamera(CameraSource):
-    """A camera of the controller twin (``scene`` or ``wrist``), rendered by its MuJoCo scene."""
+    """A camera of the controller twin (``scene`` or ``wrist``), rendered by its MuJoCo scene. ``token``: the
+    twin's admin token (None: the one the twin left for its user, see :class:`~.twin.process.TwinClient`)."""
 
-    def __init__(self, host: str, camera: str = "scene", *, port: int = ADMIN_PORT, timeout: float = 10.0):
+    def __init__(self, host: str, camera: str = "scene", *, port: int = ADMIN_PORT, timeout: float = 10.0,
+                 token: str | None = None):
         from .twin.process import TwinClient
 
         if camera not in ("scene", "wrist"):
             raise CameraError(f"the controller twin has cameras 'scene' and 'wrist', not {camera!r}")
         self.name = f"twin:{camera}"
         self.camera = camera
-        self.client = TwinClient(host, port, timeout=timeout)
+        self.client = TwinClient(host, port, timeout=timeout, token=token)
         try:
             self.read()
         except CameraError:

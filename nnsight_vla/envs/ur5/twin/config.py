@@ -1,8 +1,13 @@
-"""How a controller twin presents itself and what it simulates (:class:`TwinConfig`)."""
+"""How a controller twin presents itself and what it simulates (:class:`TwinConfig`), where it may listen, and
+where it keeps its admin token for its user."""
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 from ....errors import InputError
 from ..kinematics import DEFAULT_HOME_Q
@@ -12,6 +17,21 @@ from ..protocol import ADMIN_PORT, DASHBOARD_PORT, RTDE_PORT, SCRIPT_PORT
 SIMULATED_MODELS = ("UR5", "UR5e")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether every address ``host`` names is a loopback address (127.0.0.0/8)."""
+    try:
+        infos = socket.getaddrinfo(host, None, family=socket.AF_INET)
+    except (socket.gaierror, UnicodeError):
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+
+
+def token_path(host: str, admin_port: int) -> Path:
+    """Where the twin at ``host:admin_port`` leaves its admin token, readable by its user only."""
+    root = os.environ.get("XDG_RUNTIME_DIR") or Path.home() / ".cache"
+    return Path(root) / "nnsight-vla" / "twins" / f"{host}_{admin_port}.token"
+
+
 @dataclass
 class TwinConfig:
     """How the twin presents itself and what it simulates.
@@ -19,7 +39,9 @@ class TwinConfig:
     ``model`` sets both the dashboard's ``get robot model`` answer and the link geometry (DH) of the
     simulated arm. ``controller_version`` (major, minor, bugfix, build) decides the RTDE rate that
     ur_rtde picks: 125 Hz for CB3 (major 3), 500 Hz for e-Series (major 5). ``reported_model`` lets a
-    test present one model while simulating another (wrong-robot checks).
+    test present one model while simulating another (wrong-robot checks). ``host`` must be a loopback address
+    unless ``allow_remote`` acknowledges that anyone who reaches it can drive the simulated arm (the admin port
+    still needs ``admin_token``; None: a fresh random token).
     """
 
     host: str = "127.0.0.1"
@@ -39,6 +61,8 @@ class TwinConfig:
     collision_stop: bool = True  # protective stop when the arm or gripper touches the table
     hang: bool = False  # accept connections, never answer
     physics_hz: float = 500.0
+    allow_remote: bool = False
+    admin_token: str | None = None
 
     def __post_init__(self) -> None:
         if self.model not in SIMULATED_MODELS:
@@ -49,6 +73,13 @@ class TwinConfig:
             raise InputError(f"TwinConfig.camera_size={self.camera_size!r} must be an int within 16..512 pixels")
         if not self.physics_hz > 0:
             raise InputError(f"TwinConfig.physics_hz must be > 0, got {self.physics_hz!r}")
+        if not self.allow_remote and not is_loopback(self.host):
+            raise InputError(
+                f"the twin listens on loopback addresses only (127.x.y.z), not {self.host!r}: its RTDE, dashboard and "
+                "script ports drive the simulated arm without authentication, as a real controller's do. To serve "
+                "other machines behind a firewall you control, pass allow_remote=True (--allow-remote)")
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            raise InputError("TwinConfig.admin_token must have at least 16 characters")
         self.controller_version = tuple(int(v) for v in self.controller_version)  # type: ignore[assignment]
         self.initial_q = tuple(float(v) for v in self.initial_q)
         self.tcp_offset = tuple(float(v) for v in self.tcp_offset)

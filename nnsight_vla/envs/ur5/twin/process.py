@@ -1,5 +1,5 @@
 """Using a twin from Python: :class:`TwinProcess` starts one in its own process (the only safe way to face ur_rtde,
-whose constructors hold the GIL while they wait), :class:`TwinClient` talks to its admin port,
+whose constructors hold the GIL while they wait), :class:`TwinClient` talks to its admin port with its token,
 :func:`free_loopback_host` finds a 127.x.y.z address whose UR ports are free (parallel twins)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import random
+import secrets
 import select
 import socket
 import subprocess
@@ -20,6 +21,11 @@ import numpy as np
 
 from ....errors import TwinError
 from ..protocol import ADMIN_PORT, UR_PORTS
+from .config import is_loopback, token_path
+
+#: the environment variable through which a parent hands a twin its admin token (never the command line: other
+#: users can read a process's arguments)
+TOKEN_ENV = "NNSIGHT_VLA_TWIN_TOKEN"
 
 
 def _ports_free(host: str, ports) -> bool:
@@ -47,12 +53,14 @@ def free_loopback_host(ports=(*UR_PORTS, ADMIN_PORT), tries: int = 50) -> str:
 
 
 class TwinClient:
-    """JSON-lines client of a twin's admin port."""
+    """JSON-lines client of a twin's admin port. ``token``: the twin's admin token; None: the one the twin left for
+    its user (see :func:`~.config.token_path`)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = ADMIN_PORT, timeout: float = 30.0):
+    def __init__(self, host: str = "127.0.0.1", port: int = ADMIN_PORT, timeout: float = 30.0,
+                 token: str | None = None):
         if not timeout > 0:
             raise TwinError(f"TwinClient timeout must be > 0 s, got {timeout!r}")
-        self.host, self.port, self.timeout = host, port, timeout
+        self.host, self.port, self.timeout, self.token = host, port, timeout, token
         self._sock: socket.socket | None = None
         self._file = None
         self._lock = threading.Lock()
@@ -61,9 +69,19 @@ class TwinClient:
         self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         self._file = self._sock.makefile("rwb")
 
+    def _token(self) -> str:
+        if self.token is None:
+            path = token_path(self.host, self.port)
+            try:
+                self.token = path.read_text().strip()
+            except OSError:
+                raise TwinError(f"no admin token for the twin at {self.host}:{self.port}: pass token=, or run as the "
+                                f"user who started it (it leaves its token in {path})") from None
+        return self.token
+
     def request(self, cmd: str, **kw) -> dict:
         """Send one admin request; raise :class:`TwinError` on an error answer or a dead twin."""
-        line = (json.dumps({"cmd": cmd, **kw}) + "\n").encode()
+        line = (json.dumps({"cmd": cmd, **kw, "token": self._token()}) + "\n").encode()
         with self._lock:
             for attempt in range(2):
                 try:
@@ -111,13 +129,19 @@ class TwinProcess:
     def __init__(self, host: str = "127.0.0.1", *, model: str = "UR5", reported_model: str | None = None,
                  controller_version: str | None = None, hang: bool = False, camera_size: int = 64,
                  initial_q=None, collision_stop: bool = True, start_timeout: float = 60.0,
-                 extra_args: list[str] | None = None):
+                 extra_args: list[str] | None = None, allow_remote: bool = False):
+        if not allow_remote and not is_loopback(host):
+            raise TwinError(f"a twin listens on loopback addresses only (127.x.y.z), not {host!r}; pass "
+                            "allow_remote=True to serve other machines behind a firewall you control")
         if not start_timeout > 0:
             raise TwinError(f"TwinProcess start_timeout must be > 0 s, got {start_timeout!r}")
         self.host = host
+        self.token = secrets.token_urlsafe(24)  # handed over in the environment, never on the command line
         # ``import nnsight_vla`` is light (torch and nnsight load on first use), so ``-m`` costs the twin nothing
         args = [sys.executable, "-m", "nnsight_vla.envs.ur5.twin", "--host", host, "--model", model,
                 "--camera-size", str(camera_size), "--parent-pid", str(os.getpid())]
+        if allow_remote:
+            args.append("--allow-remote")
         if reported_model:
             args += ["--reported-model", reported_model]
         if controller_version:
@@ -132,12 +156,13 @@ class TwinProcess:
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen | None = None
         self.info: dict = {}
-        self.client = TwinClient(host, ADMIN_PORT)
+        self.client = TwinClient(host, ADMIN_PORT, token=self.token)
 
     def start(self) -> "TwinProcess":
         env = dict(os.environ)
         env.setdefault("MUJOCO_GL", "egl")
         env["PYTHONUNBUFFERED"] = "1"
+        env[TOKEN_ENV] = self.token
         self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env)
         deadline = time.monotonic() + self.start_timeout

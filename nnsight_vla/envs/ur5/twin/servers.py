@@ -1,9 +1,10 @@
 """The twin's servers: RTDE (streams the controller's snapshot, applies input packages), dashboard (one reply
 line per command), script port (programs; ur_rtde's control script is emulated by the controller) and the
-twin's own admin port (one JSON request per line)."""
+twin's own admin port (one JSON request per line, each with the twin's token)."""
 
 from __future__ import annotations
 
+import hmac
 import json
 import re
 import socket
@@ -245,16 +246,26 @@ class ScriptHandler(socketserver.BaseRequestHandler):
 
 
 class AdminHandler(socketserver.StreamRequestHandler):
+    """One JSON request per line, one JSON reply per request; a request without the twin's token is refused and
+    the connection closed."""
+
     def handle(self) -> None:
         twin: Twin = self.server.twin  # type: ignore[attr-defined]
         for raw in self.rfile:
+            req: Any = None
             try:
                 req = json.loads(raw)
+                if not isinstance(req, dict):
+                    raise ValueError("an admin request is a JSON object")
+                token = req.get("token")
+                if not (isinstance(token, str) and hmac.compare_digest(token.encode(), twin.token.encode())):
+                    self.wfile.write(b'{"ok": false, "error": "admin token missing or wrong"}\n')
+                    return
                 reply = twin.admin(req)
             except Exception as e:  # answer every request; errors travel back as text
                 reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
             self.wfile.write((json.dumps(reply) + "\n").encode())
-            if req.get("cmd") == "shutdown":
+            if isinstance(req, dict) and req.get("cmd") == "shutdown":
                 return
 
 

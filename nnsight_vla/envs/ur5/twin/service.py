@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import queue
+import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import Callable
@@ -18,7 +21,7 @@ import numpy as np
 from ....errors import TwinError
 from ..protocol import ROBOT_MODE
 from .arm import Arm
-from .config import TwinConfig
+from .config import TwinConfig, token_path
 from .controller import Controller
 from .servers import AdminHandler, DashboardHandler, RTDEHandler, ScriptHandler, Server
 
@@ -28,6 +31,7 @@ class Twin:
 
     def __init__(self, cfg: TwinConfig):
         self.cfg = cfg
+        self.token = cfg.admin_token or secrets.token_urlsafe(24)
         self.stopping = threading.Event()
         self.hung: list[socket.socket] = []
         self.servers: list[Server] = []
@@ -197,12 +201,29 @@ class Twin:
                 pass
 
 
+def _write_token(path, token: str) -> bool:
+    """Leave the admin token where clients of the same user find it (folder 0700, file 0600); False if it cannot."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+        os.replace(tmp, path)
+        return True
+    except OSError as e:
+        print(f"ur5 twin: cannot leave the admin token in {path} ({e.strerror}); pass it to clients yourself",
+              file=sys.stderr, flush=True)
+        return False
+
+
 def run_twin(cfg: TwinConfig, ready: Callable[[dict], None] | None = None, parent_pid: int | None = None) -> None:
     """Run a twin in this process until SIGINT/SIGTERM, an admin ``shutdown`` or (with ``parent_pid``) the death
     of the process that started it.
 
-    Prints nothing itself; ``ready`` is called with the listening addresses once everything runs.
-    Raises :class:`TwinError` at once when a port is taken.
+    Prints nothing itself; ``ready`` is called with the listening addresses (and the path of the admin token,
+    readable by this user only) once everything runs. Raises :class:`TwinError` at once when a port is taken.
     """
     os.environ.setdefault("MUJOCO_GL", "egl")
     twin = Twin(cfg)
@@ -218,8 +239,17 @@ def run_twin(cfg: TwinConfig, ready: Callable[[dict], None] | None = None, paren
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-    if ready is not None:
-        ready({"ready": True, "pid": os.getpid(), "host": cfg.host, "ports": cfg.ports(), "model": cfg.model,
-               "controller_version": cfg.polyscope_version, "rtde_hz": cfg.rtde_hz, "hang": cfg.hang})
-    twin.stopping.wait()
-    twin.shutdown()
+    path = token_path(cfg.host, cfg.admin_port)
+    wrote = _write_token(path, twin.token)
+    try:
+        if ready is not None:
+            ready({"ready": True, "pid": os.getpid(), "host": cfg.host, "ports": cfg.ports(), "model": cfg.model,
+                   "controller_version": cfg.polyscope_version, "rtde_hz": cfg.rtde_hz, "hang": cfg.hang,
+                   "admin_token_file": str(path) if wrote else None})
+        twin.stopping.wait()
+    finally:
+        twin.shutdown()
+        if wrote:
+            with contextlib.suppress(OSError):
+                if path.read_text() == twin.token:  # a newer twin on the same address may have replaced it
+                    path.unlink()
