@@ -465,6 +465,29 @@ def test_tiny_pi0_steered_vs_unsteered(twin, tmp_path):
     assert not np.allclose(by["baseline"]["cum_disp"], by["steer@a30"]["cum_disp"])
 
 
+def test_cli_steers_neurons_from_a_concepts_file(twin, tmp_path):
+    """``nnsight-vla ur5 run`` takes the condition syntax of ``libero run``: a neuron set written by ``concepts``
+    steers a tiny pi0 on the twin (armed), and its actions differ from the unsteered ones."""
+    import nnsight_vla as nv
+    from nnsight_vla.neurons import NeuronSet
+
+    vla = nv.tiny("pi0", seed=0)
+    neurons = NeuronSet(pairs=[(layer, n) for layer in range(len(vla.layers)) for n in range(16)], name="probe")
+    path = neurons.save(tmp_path / "probe.json")
+    (tmp_path / "cell.yaml").write_text("safety:\n  state_timeout_s: 1.0\n  watchdog_s: 60.0\n"
+                                        "robot:\n  gripper: none\n  open_loop_steps: 2\n  action_scale: 0.3\n")
+    _reset(twin)
+    res = run_cli(twin.host, armed=True, config=str(tmp_path / "cell.yaml"), policy="tiny", family="pi0",
+                  conditions=f"baseline,steer:{path}@30", steps=2, cameras="twin", results=str(tmp_path / "r"),
+                  plots=False)
+    assert res.terminations == {"max_steps": 2}, res
+    store = ResultsStore.open(tmp_path / "r")
+    names = sorted(s["condition"] for s in store.summaries())
+    assert names[0] == "baseline" and names[1].startswith("probe@a30"), names
+    raw = {c: np.asarray(store.steps(conditions=[c]).to_pydict()["raw_action"][0]) for c in names}
+    assert np.abs(raw[names[0]] - raw[names[1]]).max() > 1e-3
+
+
 @pytest.mark.slow
 def test_e_series_twin_at_500_hz(tmp_path):
     """An e-Series twin (PolyScope 5, RTDE at 500 Hz, UR5e geometry): ur_rtde's e-Series code paths (remote-control

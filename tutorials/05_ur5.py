@@ -237,8 +237,9 @@ print(robot_config.task, robot_config.camera_map, "| TCP speed limit", cell_safe
 # nnsight-vla ur5 run --host 192.168.1.10 --config cell.yaml ... --armed       # moves the arm
 # ```
 #
-# Neuron-steered conditions come from Python: `run_conditions(vla, sweep_grid(...), config, results, host=...,
-# armed=True, safety=...)` with the `UR5Config` / `SafetyConfig` from `load_config("cell.yaml")`.
+# Neuron-steered conditions take the same syntax as `libero run`: a `concepts` output file and an alpha, e.g.
+# `--conditions baseline,steer:fast.json@10,random:fast.json@10:0` (`nnsight-vla conditions` prints the syntax); from
+# Python, `run_conditions(vla, sweep_grid(...), config, results, host=..., armed=True, safety=...)`.
 
 # %%
 (OUT / "done.txt").write_text(f"05_ur5 ok in {time.perf_counter() - START:.1f} s\n")

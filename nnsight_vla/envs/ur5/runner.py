@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ...errors import CameraError, RobotConfigError, RobotHalted
-from ...rollout.conditions import Condition, baseline, check_unique
+from ...rollout.conditions import Condition, baseline, check_unique, parse_conditions
 from ...rollout.policy import policy_identity
 from ...rollout.records import EpisodeKey
 from ...rollout.store import ResultsStore
@@ -134,24 +134,6 @@ def _build_policy(spec: str, family: str, seed: int) -> Any:
     raise RobotConfigError(f"--policy must be 'scripted', 'tiny' or 'load:<checkpoint>', got {spec!r}")
 
 
-def _build_conditions(spec: str) -> list[Condition]:
-    from ...rollout.conditions import SpeedSteering, prompt_baseline
-
-    out = []
-    for item in (s.strip() for s in spec.split(",") if s.strip()):
-        if item == "baseline":
-            out.append(baseline())
-        elif item.startswith("prompt:"):
-            out.append(prompt_baseline(item.split(":", 1)[1]))
-        elif item.startswith("speed:"):
-            scale = float(item.split(":", 1)[1])
-            out.append(Condition(f"speed@{scale:g}", steering=SpeedSteering(scale), kind="steered", concept="speed"))
-        else:
-            raise RobotConfigError(f"unknown condition {item!r}; use baseline, prompt:<word> or speed:<scale> "
-                                   "(neuron steering from Python: run_conditions(..., conditions=sweep_grid(...)))")
-    return out or [baseline()]
-
-
 def run_cli(host: str, armed: bool = False, config: str | os.PathLike | None = None, *, policy: str = "scripted",
             family: str = "pi0", instruction: str | None = None, task: str | None = None,
             conditions: str = "baseline", steps: int | None = None, trials: int = 1,
@@ -185,7 +167,7 @@ def run_cli(host: str, armed: bool = False, config: str | os.PathLike | None = N
     if changes:
         ur5_cfg = replace(ur5_cfg, **changes)
     pol = _build_policy(policy, family, ur5_cfg.seed)
-    conds = _build_conditions(conditions)
+    conds = parse_conditions([conditions], d_mlp=getattr(pol, "d_mlp", None)) if conditions.strip() else [baseline()]
     if not armed:
         print(f"DRY RUN on {host}: commands are checked and logged, nothing is sent (use --armed to move the arm)")
     res = run_conditions(pol, conds, ur5_cfg, results, host=host, armed=armed, safety=safety, trials=trials)
