@@ -434,7 +434,9 @@ def test_cli_dry_run(twin, tmp_path, capsys):
                   conditions="baseline,speed:2")
     out = capsys.readouterr().out
     assert "DRY RUN" in out and res.completed == 2
-    assert (tmp_path / "cli" / "plots" / "height.png").is_file()
+    from nnsight_vla.reports import plots  # figures are the CLI layer's, from the results run_cli wrote
+
+    assert (tmp_path / "cli" / "plots" / "height.png") in plots.plot_all(res.results, tmp_path / "cli" / "plots")
     (tmp_path / "c.yaml").write_text("robot:\n  max_stepz: 3\n")
     with pytest.raises(Exception, match="unknown robot config key"):
         run_cli(twin.host, config=str(tmp_path / "c.yaml"), results=str(tmp_path / "cli2"))
@@ -478,8 +480,7 @@ def test_cli_steers_neurons_from_a_concepts_file(twin, tmp_path):
                                         "robot:\n  gripper: none\n  open_loop_steps: 2\n  action_scale: 0.3\n")
     _reset(twin)
     res = run_cli(twin.host, armed=True, config=str(tmp_path / "cell.yaml"), policy="tiny", family="pi0",
-                  conditions=f"baseline,steer:{path}@30", steps=2, cameras="twin", results=str(tmp_path / "r"),
-                  plots=False)
+                  conditions=f"baseline,steer:{path}@30", steps=2, cameras="twin", results=str(tmp_path / "r"))
     assert res.terminations == {"max_steps": 2}, res
     store = ResultsStore.open(tmp_path / "r")
     names = sorted(s["condition"] for s in store.summaries())

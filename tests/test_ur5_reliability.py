@@ -101,7 +101,7 @@ def test_zero_and_negative_counts_are_refused(twin, tmp_path):
     for kw in ({"steps": 0}, {"steps": -3}, {"trials": 0}, {"trials": -1}):
         t0 = time.perf_counter()
         with pytest.raises(RobotConfigError, match=f"{next(iter(kw))} must be an int >= 1"):
-            run_cli(twin.host, cameras="twin", results=str(tmp_path / "r"), plots=False, **kw)
+            run_cli(twin.host, cameras="twin", results=str(tmp_path / "r"), **kw)
         assert time.perf_counter() - t0 < 2.0  # refused, not run
     assert not (tmp_path / "r").exists() and _log_len(twin) == n0
     for bad in ({"max_steps": 0}, {"max_steps": -1}, {"max_steps": True}, {"open_loop_steps": 0},

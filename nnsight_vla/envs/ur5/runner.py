@@ -8,7 +8,6 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ...errors import CameraError, RobotConfigError, RobotHalted
@@ -138,13 +137,14 @@ def run_cli(host: str, armed: bool = False, config: str | os.PathLike | None = N
             family: str = "pi0", instruction: str | None = None, task: str | None = None,
             conditions: str = "baseline", steps: int | None = None, trials: int = 1,
             results: str = "runs/ur5", cameras: str | None = None, expected_model: str | None = None,
-            plots: bool = True, verbose: bool = False) -> SweepResult:
+            verbose: bool = False) -> SweepResult:
     """``nnsight-vla ur5 run``: a sweep on the robot at ``host`` (a dry run unless ``armed``).
 
     ``config``: YAML/JSON with ``robot:`` (:class:`UR5Config`) and ``safety:`` (:class:`SafetyConfig`) sections.
     ``cameras="twin"`` uses the controller twin's renders (``scene`` for base/primary, ``wrist``).
     Returns the :class:`SweepResult`; raises :class:`RobotError` for setup problems and ``SystemExit(3)`` after a
-    halt (the reason is printed)."""
+    halt (the reason is printed). Figures are the caller's (``reports.plots.plot_all(result.results, ...)``): the
+    environments layer does not import the reports layer."""
     for name, value in (("steps", steps), ("trials", trials)):  # refused before anything connects
         if value is not None and not is_count(value):
             raise RobotConfigError(f"--{name} must be an int >= 1, got {value!r}")
@@ -173,11 +173,6 @@ def run_cli(host: str, armed: bool = False, config: str | os.PathLike | None = N
     res = run_conditions(pol, conds, ur5_cfg, results, host=host, armed=armed, safety=safety, trials=trials)
     print(f"{res.completed} episode(s) written to {res.results} ({res.skipped} already there); "
           f"terminations: {res.terminations}")
-    if plots and res.completed + res.skipped:
-        from ...reports import plots as plots_mod
-
-        files = plots_mod.plot_all(res.results, Path(res.results) / "plots")
-        print("plots: " + ", ".join(str(f) for f in files))
     if res.halted:
         print(f"ROBOT HALTED: {res.halted}")
         raise SystemExit(3)
