@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from . import demo as _demo, libero as _libero, method as _method, remote as _remote, training as _training
-from . import serve as _serve, ur5 as _ur5
+from . import report as _report, serve as _serve, ur5 as _ur5
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Trace, read and steer robot VLA models (OpenVLA, pi0, pi0-FAST).")
@@ -22,6 +22,7 @@ app.command("demo")(_demo.demo)
 app.command("train")(_training.train)
 app.command("experiment")(_training.experiment)
 app.command("serve")(_serve.serve)
+app.command("report")(_report.report)
 app.add_typer(_libero.app, name="libero")
 app.add_typer(_ur5.app, name="ur5")
 app.add_typer(_remote.app, name="remote")
