@@ -503,8 +503,9 @@ class FakeNDIF:
 
     def __init__(self, mode="script", post=(200, {"id": "job-1", "status": "RECEIVED",
                                                "description": "Your job has been received."}),
-                 messages=(), execute_on=None):
+                 messages=(), execute_on=None, ping_every=None):
         self.mode, self.post, self.messages, self.execute_on = mode, post, list(messages), execute_on
+        self.ping_every = ping_every  # seconds between websocket pings after the messages (uvicorn: 20 s)
         self.stop = threading.Event()
         self.posted = threading.Event()
         self.headers_seen: list[dict] = []
@@ -565,6 +566,11 @@ class FakeNDIF:
                 sock.sendall(_ws_frame(json.dumps(message).encode()))
             if self.result is not None:
                 sock.sendall(_ws_frame(self.result, opcode=0x2))
+            while self.ping_every and not self.stop.wait(self.ping_every):
+                try:
+                    sock.sendall(_ws_frame(b"keep-alive", opcode=0x9))
+                except OSError:
+                    return
             self.stop.wait(60)
         elif line.startswith("POST /request"):
             length = int(headers.get("content-length", 0))
@@ -669,6 +675,19 @@ def test_total_deadline_when_the_job_never_finishes(vla, image, caplog):
     _assert_no_secret(error, caplog)  # ...and nowhere else
 
 
+def test_total_deadline_holds_while_the_server_keeps_pinging(vla, image, caplog):
+    """ndif's API (uvicorn) pings the websocket every 20 s; a job that never finishes must still end at the
+    deadline (before, recv() answered each ping and read on, so the client waited forever)."""
+    caplog.set_level(logging.DEBUG)
+    with fake_ndif(messages=[{"id": "job-1", "status": "QUEUED", "description": "Added to Queue at position 1."}],
+                   ping_every=0.3) as server:
+        settings = rm.remote_settings(host=server.url, api_key=SECRET, connect_timeout=2.0, timeout=2.0)
+        outcome = bounded(lambda: _remote_action(vla, image, settings), 30)
+    error = outcome["error"]
+    assert isinstance(error, rm.RemoteTimeoutError) and "within 2 s" in str(error)
+    assert 1.5 < outcome["seconds"] < 8
+
+
 def test_rejected_key_is_redacted_from_the_servers_echo(vla, image, caplog):
     # ndif with Postgres auth answers a malformed key with HTTP 400 "Invalid API key format: '<key>'"
     caplog.set_level(logging.DEBUG)
@@ -730,6 +749,147 @@ def test_happy_path_over_sockets_equals_local(vla, image, steer, caplog):
     assert np.array_equal(outcome["value"], local)
     assert server.headers_seen[-1].get("ndif-api-key") == SECRET
     assert SECRET not in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the server's policy on client-chosen model keys (nnsight_vla.remote.policy; the real server: test_remote_server)
+
+OPENVLA = "nnsight_vla.models.openvla.OpenVLA"
+
+
+def _key(cls=OPENVLA, **fields):
+    data = {"family": "openvla", "source": None, "revision": None, "dtype": "auto", **fields}
+    return f"{cls}:{json.dumps(data, sort_keys=True)}"
+
+
+def test_policy_refuses_a_class_before_importing_it():
+    import sys
+
+    from nnsight_vla.remote.policy import ServerPolicy
+
+    assert "this" not in sys.modules  # `import this` prints the Zen of Python: a module that acts on import
+    with pytest.raises(CheckpointError, match=r"model class 'this\.Zen' is not served here.*OpenVLA"):
+        ServerPolicy().admit('this.Zen:{"tiny": {"seed": 0}}')
+    assert "this" not in sys.modules
+    for bad in ("no colon", "x" * 70000, 'nnsight_vla.models.openvla.OpenVLA:["a"]', f"{OPENVLA}:not json"):
+        with pytest.raises(CheckpointError, match="refused by this server's policy"):
+            ServerPolicy().admit(bad)
+    assert ServerPolicy().admit(_key(tiny={"seed": 0, "config": {}})).tiny
+
+
+def test_policy_refuses_every_unlisted_source_with_one_message(tmp_path):
+    """A client must not learn which paths exist: outside the roots, missing, `..`, a symlink out of a root, the
+    root's parent, a relative path, an unlisted hub id -- one message, only the echoed source differs."""
+    from nnsight_vla.remote.policy import ServerPolicy
+
+    root = tmp_path / "checkpoints"
+    (root / "ckpt").mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    (root / "escape").symlink_to(tmp_path / "secret")
+    policy = ServerPolicy(checkpoint_roots=(str(root),), hub_ids=("openvla/*",))
+    assert not policy.admit(_key(source=str(root / "ckpt"))).tiny
+    assert policy.admit(_key(source="openvla/openvla-7b", revision="main")).fields["source"] == "openvla/openvla-7b"
+    refused = ["/etc", str(tmp_path / "secret"), "/nonexistent/openvla-ckpt", str(root / "missing"),
+               f"{root}/../secret", f"{root}/ckpt/../ckpt", str(root / "escape"), str(tmp_path), "ckpt",
+               "./checkpoints/ckpt", "someone/else", "openvla/../x", "", 7]
+    messages = set()
+    for source in refused:
+        with pytest.raises(CheckpointError) as info:
+            policy.admit(_key(source=source))
+        messages.add(str(info.value).replace(repr(source), "<source>"))
+    assert len(messages) == 1, messages
+    (message,) = messages
+    assert "source <source> is not a checkpoint this server serves" in message
+    assert str(root) not in message and "exist" not in message
+    with pytest.raises(CheckpointError, match="revision"):
+        policy.admit(_key(source="openvla/openvla-7b", revision="../../x"))
+    with pytest.raises(CheckpointError, match="not both"):
+        policy.admit(_key(source=str(root / "ckpt"), tiny={"seed": 0}))
+    with pytest.raises(CheckpointError, match="no checkpoint and no tiny model"):
+        policy.admit(_key())
+    language_model = "nnsight.modeling.language.LanguageModel"  # nnsight's HuggingFace keys name it repo_id
+    with pytest.raises(CheckpointError, match="'/etc' is not a checkpoint this server serves"):
+        ServerPolicy(model_classes=(language_model,)).admit(f'{language_model}:{{"repo_id": "/etc"}}')
+
+
+def test_policy_from_environment_and_file(tmp_path):
+    from nnsight_vla.remote.policy import ServerPolicy
+
+    assert ServerPolicy.from_env({}) == ServerPolicy()
+    file = tmp_path / "policy.json"
+    file.write_text(json.dumps({"hub_ids": ["openvla/*"], "max_bytes": 1 << 30}))
+    policy = ServerPolicy.from_env({"NVLA_SERVER_POLICY": str(file), "NVLA_SERVER_MAX_TINY_BYTES": "1024",
+                                    "NVLA_SERVER_CHECKPOINT_ROOTS": f"{tmp_path}:/data/ckpt"})
+    assert policy.hub_ids == ("openvla/*",) and policy.max_bytes == 1 << 30 and policy.max_tiny_bytes == 1024
+    assert policy.checkpoint_roots == (str(tmp_path), "/data/ckpt")
+    assert ServerPolicy.from_env({"NVLA_SERVER_MODEL_CLASSES": f"{OPENVLA}, x.Y"}).model_classes == (OPENVLA, "x.Y")
+    for env, match in [({"NVLA_SERVER_POLICY": str(tmp_path / "missing.json")}, "unreadable"),
+                       ({"NVLA_SERVER_MAX_BYTES": "lots"}, "number of bytes"),
+                       ({"NVLA_SERVER_MAX_BYTES": "0"}, "positive"),
+                       ({"NVLA_SERVER_CHECKPOINT_ROOTS": "relative/dir"}, "absolute")]:
+        with pytest.raises(CheckpointError, match=match):
+            ServerPolicy.from_env(env)
+    file.write_text(json.dumps({"hub_id": ["typo"]}))
+    with pytest.raises(CheckpointError, match="fields among"):
+        ServerPolicy.from_env({"NVLA_SERVER_POLICY": str(file)})
+
+
+# ~270M parameters: a 1.07 GB tiny OpenVLA in float32 (the audit's key pushed a head node to 1.57 GB)
+BIG_TINY = {"seed": 0, "config": {"text": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 16}}}
+
+
+def test_tiny_model_size_is_measured_without_weights_and_capped():
+    """describe_checkpoint (what the controller runs) sizes a 1.07 GB tiny key on the meta device: the process
+    grows by far less than the model; rebuild_from_key with the server's policy refuses it before building.
+    Run in a fresh process so its peak memory is this check's alone."""
+    import subprocess
+    import sys
+
+    code = f"""
+import json, resource
+from nnsight_vla.models.openvla import OpenVLA
+from nnsight_vla.remote.keys import describe_checkpoint, rebuild_from_key
+from nnsight_vla.remote.policy import ServerPolicy
+from nnsight_vla.errors import CheckpointError
+suffix = {_key(tiny=BIG_TINY).partition(":")[2]!r}
+OpenVLA(None, tiny={{"seed": 0, "config": {{}}}}, check=False)  # imports and first-use allocations, once
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+size = describe_checkpoint(OpenVLA, suffix, "bfloat16").size_bytes
+try:
+    rebuild_from_key(OpenVLA, suffix, dispatch=True, dtype="bfloat16", device="cpu", policy=ServerPolicy())
+    refused = ""
+except CheckpointError as error:
+    refused = str(error)
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+print(json.dumps({{"size": size, "grown": grown, "refused": refused}}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 1.0e9 < result["size"] < 1.2e9  # float32 ("auto" for a tiny model)
+    assert result["grown"] < 150 << 20, f"the process grew by {result['grown'] / 2**20:.0f} MiB"
+    assert "exceeds this server's cap of 256.0 MiB" in result["refused"]
+
+
+def test_tiny_config_numbers_are_bounded_before_any_build():
+    from nnsight_vla.remote.policy import MAX_TINY_INT, ServerPolicy
+
+    with pytest.raises(CheckpointError, match=f"holds the number 100000000; at most {MAX_TINY_INT}"):
+        ServerPolicy().admit(_key(tiny={"seed": 0, "config": {"vocab": 100_000_000}}))
+    with pytest.raises(CheckpointError, match="not a JSON object"):
+        ServerPolicy().admit(_key(tiny=[1, 2]))
+
+
+def test_server_policy_lets_the_usual_tiny_models_through(vla):
+    """The in-process path of the actors: admitted, sized, built; the same weights as without a policy."""
+    from nnsight_vla.remote.policy import ServerPolicy
+
+    server = Remotable.from_model_key(vla.model_key, dispatch=True, dtype="bfloat16", device="cpu",
+                                      policy=ServerPolicy())
+    ours, theirs = _params(vla), _params(server)
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    with pytest.raises(CheckpointError, match="exceeds this server's cap"):
+        Remotable.from_model_key(vla.model_key, dispatch=True, device="cpu", policy=ServerPolicy(max_tiny_bytes=1024))
 
 
 # ------------------------------------------------------------------------------------------------------------------

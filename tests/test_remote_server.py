@@ -26,6 +26,7 @@ import torch
 
 import nnsight_vla as nv
 from nnsight_vla import remote as rm
+from nnsight_vla.remote import helpers as remote_helpers
 from nnsight_vla.remote import stack as ndif_stack
 from nnsight_vla.errors import UnknownFamilyError
 
@@ -34,8 +35,13 @@ pytestmark = pytest.mark.slow
 INSTRUCTION = "pick up the black bowl"
 SECRET = "nvla-FAKE-key-51d0a7-do-not-leak"  # ndif without Postgres accepts any key
 EXEC_TIMEOUT = 8  # the server's execution cap, seconds (short, so its error is tested quickly)
+HOME = Path("/tmp/nvla-ndif-test")
+ROOT = HOME / "checkpoints"  # the one checkpoint root this server's policy allows
+TINY_CAP = 64 << 20  # the server's cap on tiny models (its default: 256 MiB)
 STACK_ENV = {
-    "NVLA_NDIF_HOME": "/tmp/nvla-ndif-test",
+    "NVLA_NDIF_HOME": str(HOME),
+    "NVLA_SERVER_CHECKPOINT_ROOTS": str(ROOT),
+    "NVLA_SERVER_MAX_TINY_BYTES": str(TINY_CAP),
     "NVLA_NDIF_PORT_BASE": "18500",
     "NVLA_NDIF_DTYPE": "bfloat16",
     "NVLA_NDIF_EXEC_TIMEOUT": str(EXEC_TIMEOUT),
@@ -176,7 +182,7 @@ def test_other_families_steered_remotely(settings, family, one_thread):
         vla = nv.tiny(family, seed=0)
     except UnknownFamilyError as error:
         pytest.skip(str(error))
-    images, state = rm._sample_inputs(vla, 0)
+    images, state = remote_helpers._sample_inputs(vla, 0)
     steer = _steering([(0, 1), (1, 2)], 5.0)
 
     def first_forward(how, steered=True):
@@ -218,21 +224,74 @@ def _trace_with_key(openvla, settings, model_key):
     return out
 
 
-def test_unknown_model_class(settings, openvla, caplog):
-    caplog.set_level(logging.DEBUG)
-    error = _run_error(lambda: _trace_with_key(openvla, settings, 'nnsight_vla.models.nope.Nope:{"family": "nope"}'),
-                       caplog)
-    assert isinstance(error, rm.RemoteModelError)
-    assert "No module named 'nnsight_vla.models.nope'" in str(error) and settings.host in str(error)
-    assert "install nnsight-vla" in str(error)
+def _server_logs():
+    """Every log the stack wrote: its services' and Ray's (each worker's stdout and stderr)."""
+    return "\n".join(path.read_text(errors="replace") for path in HOME.rglob("*")
+                     if path.is_file() and path.suffix in (".log", ".out", ".err"))
 
 
-def test_unknown_checkpoint(settings, openvla, caplog):
+def test_a_key_naming_any_module_is_refused_before_it_is_imported(settings, openvla, caplog):
+    """`import this` prints the Zen of Python: before the policy, the controller imported whatever module a key
+    named (running its top-level code) and only then failed; now the key is refused unimported."""
     caplog.set_level(logging.DEBUG)
-    key = 'nnsight_vla.models.openvla.OpenVLA:{"dtype": "auto", "family": "openvla", "revision": null, ' \
-          '"source": "/nonexistent/openvla-ckpt"}'
+    zen = "Beautiful is better than ugly"
+    assert zen not in _server_logs()
+    error = _run_error(lambda: _trace_with_key(openvla, settings, 'this.Zen:{"family": "openvla"}'), caplog)
+    assert isinstance(error, rm.RemoteModelError) and settings.host in str(error)
+    assert "model class 'this.Zen' is not served here" in str(error)
+    assert "nnsight_vla.models.openvla.OpenVLA" in str(error) and "operator" in str(error)
+    time.sleep(2)  # Ray flushes worker output to its log files
+    assert zen not in _server_logs()
+    nope = _run_error(lambda: _trace_with_key(openvla, settings, 'nnsight_vla.models.nope.Nope:{"family": "nope"}'),
+                      caplog)
+    assert "model class 'nnsight_vla.models.nope.Nope' is not served here" in str(nope)
+
+
+def _checkpoint_key(source):
+    return "nnsight_vla.models.openvla.OpenVLA:" + json.dumps(
+        {"dtype": "auto", "family": "openvla", "revision": None, "source": source}, sort_keys=True)
+
+
+def test_checkpoint_sources_are_refused_alike_and_an_allowed_one_is_served(settings, openvla, image, one_thread,
+                                                                          caplog):
+    """Outside the root, missing, `..`, a symlink out of the root: one message (before, a missing folder said
+    "does not exist" and an existing one failed otherwise, so clients could map the server's disk)."""
+    caplog.set_level(logging.DEBUG)
+    (ROOT / "tiny").parent.mkdir(parents=True, exist_ok=True)
+    if not (ROOT / "tiny" / "config.json").exists():
+        openvla.save_pretrained(ROOT / "tiny")
+    escape = ROOT / "escape"
+    if not escape.is_symlink():
+        escape.symlink_to("/etc")
+    first_lines = set()
+    for source in ["/etc", "/nonexistent/openvla-ckpt", str(ROOT / "missing"), f"{ROOT}/../logs", str(escape)]:
+        error = _run_error(lambda source=source: _trace_with_key(openvla, settings, _checkpoint_key(source)), caplog)
+        assert isinstance(error, rm.RemoteModelError)
+        text = error.server_message.replace(repr(source), "<source>")
+        assert f"{ROOT}" not in text.replace(source, "") and "exist" not in text
+        first_lines.add(text.strip().splitlines()[0])
+    assert len(first_lines) == 1, first_lines
+    assert "is not a checkpoint this server serves" in first_lines.pop()
+    # a checkpoint under the root deploys and computes what the client computes
+    loaded = nv.load("openvla", ROOT / "tiny")
+    local = rm.remote_predict_action(loaded, image, INSTRUCTION, remote=False)
+    assert np.array_equal(rm.remote_predict_action(loaded, image, INSTRUCTION, remote=settings), local)
+
+
+def test_an_oversized_tiny_model_is_refused_without_being_built(settings, openvla, caplog):
+    """A ~540 MB tiny OpenVLA (float32) against the server's 64 MiB cap: measured on the meta device and refused
+    within seconds (before, the controller built it with real weights to size it, then an actor built it again)."""
+    caplog.set_level(logging.DEBUG)
+    text = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 8}
+    key = "nnsight_vla.models.openvla.OpenVLA:" + json.dumps(
+        {"dtype": "auto", "family": "openvla", "revision": None, "source": None,
+         "tiny": {"config": {"text": text}, "seed": 0}}, sort_keys=True)
+    started = time.monotonic()
     error = _run_error(lambda: _trace_with_key(openvla, settings, key), caplog)
-    assert isinstance(error, rm.RemoteModelError) and "/nonexistent/openvla-ckpt does not exist" in str(error)
+    TIMINGS["oversized_tiny_refused_s"] = round(time.monotonic() - started, 2)
+    assert isinstance(error, rm.RemoteModelError)
+    assert f"exceeds this server's cap of {TINY_CAP / 2**20:,.1f} MiB" in str(error)
+    assert TIMINGS["oversized_tiny_refused_s"] < 30
 
 
 def test_job_error_quotes_the_servers_traceback(settings, openvla, image, caplog):
@@ -283,3 +342,35 @@ def test_server_execution_timeout(settings, openvla, caplog):
     with openvla.trace(ids, fn=openvla._module.language_model.forward, remote=settings):
         out = openvla.lm_head.output.save()
     assert out.shape[-1] == openvla.vocab_size
+
+
+def test_every_service_of_the_stack_listens_on_loopback_only(ndif_server):
+    """Last, once every model actor of this file exists: each socket any process of the stack listens on (Redis,
+    S3, the API, gcs_server, raylet, agents, the controller and model actors) is on loopback. Before the fix
+    gcs_server and raylet listened on all interfaces and the runtime-env agent on the external address."""
+    import ipaddress
+
+    import psutil
+
+    sessions = ndif_stack._stack_sessions(ndif_stack._config())
+    assert len(sessions) == len(ndif_stack.SERVICES)
+    listeners = []
+    for conn in psutil.net_connections("inet"):
+        if conn.status != psutil.CONN_LISTEN or conn.pid is None:
+            continue
+        try:
+            if os.getsid(conn.pid) in sessions:
+                listeners.append((conn.laddr.ip, conn.laddr.port, psutil.Process(conn.pid).name()))
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    names = {name for _, _, name in listeners}
+    assert {"redis-server", "gcs_server", "raylet"} <= names, names
+    assert any("ModelDeployment" in name or "ModelActor" in name for name in names), names  # actors included
+
+    def loopback(address):
+        ip = ipaddress.ip_address(address)
+        return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+    exposed = sorted(entry for entry in listeners if not loopback(entry[0]))
+    assert exposed == [], f"listening beyond loopback: {exposed}"
+    assert ndif_stack.check_listeners(sessions) == []

@@ -1,9 +1,10 @@
 """Remote execution of nnsight-vla traces on an NDIF server (``remote=True`` on any trace; see docs/remote.md).
 
 Submodules, lowest layer first: :mod:`.backend` (settings, the bounded NDIF backend, ``remote=`` routing; what the
-model classes call), :mod:`.keys` (the server half of the model key, an in-process server), :mod:`.helpers`
-(remote predict_action / lens / check: above the lens), :mod:`.server` (NDIF-side glue; imports ray and ndif) and
-:mod:`.stack` (a loopback NDIF stack). Names load on first use, so importing this package imports none of them.
+model classes call), :mod:`.keys` (the server half of the model key, an in-process server), :mod:`.policy` (which
+keys a server builds), :mod:`.helpers` (remote predict_action / lens / check: above the lens), :mod:`.server`
+(NDIF-side glue; imports ray and ndif), :mod:`.stack` and :mod:`.sockets` (a loopback NDIF stack). Names load on
+first use, so importing this package imports none of them.
 """
 
 from __future__ import annotations

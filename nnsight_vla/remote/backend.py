@@ -219,6 +219,8 @@ def _server_error(message: str, *, host: str, model_key: str, job_id: str | None
                 " The server cannot import the model class: install nnsight-vla (same version as this client) on "
                 "every server node, or put it on the server's PYTHONPATH (docs/remote.md)."
             )
+        elif "refused by this server's policy" in message:
+            hint = " The server's operator decides which models it builds (docs/remote.md §6)."
         return RemoteModelError(
             f"the NDIF server at {host} could not deploy model {model_key}: {first}{hint}\n--- server message ---\n"
             f"{message}",
@@ -485,7 +487,9 @@ class NDIFBackend(RemoteBackend):
                     raise self._deadline_passed()
                 connection.settimeout(min(_REFRESH, remaining) if self.display.enabled else remaining)
                 try:
-                    message = connection.recv()
+                    # control frames come back too: the server's keep-alive pings (uvicorn: every 20 s) must not
+                    # keep one recv() reading past the deadline (recv() answers pings and reads on)
+                    opcode, message = connection.recv_data(control_frame=True)
                 except (websocket.WebSocketTimeoutException, TimeoutError):
                     self.display.refresh()
                     continue
@@ -494,6 +498,13 @@ class NDIFBackend(RemoteBackend):
                         f"the connection closed while waiting for job {self.remote_job_id} "
                         f"({type(error).__name__}: {error})"
                     ) from None
+                if opcode in (websocket.ABNF.OPCODE_PING, websocket.ABNF.OPCODE_PONG):
+                    continue
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    raise self._unreachable(f"the server closed the connection while waiting for job "
+                                            f"{self.remote_job_id}")
+                if opcode == websocket.ABNF.OPCODE_TEXT and isinstance(message, bytes):
+                    message = message.decode("utf-8")
                 response = self.parse(message)
                 if self.note(response):
                     result = self.download_result(response.data, deadline)

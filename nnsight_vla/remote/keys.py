@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import torch
 import zstandard
+from nnsight.modeling.mixins.meta import MetaDevice
 from nnsight.modeling.mixins.remotable import CheckpointInfo, Remotable, bytes_per_element
 from nnsight.ndif import pull_env
 from nnsight.schema.request import RequestModel
@@ -27,6 +28,7 @@ from nnsight.tracing.backend import Backend
 from nnsight.tracing.globals import BLOCKS, SOURCES
 from nnsight.tracing.tracer import _saves, dec, inc, save
 from nnsight.tracing.util import push
+from nnsight.util import to_import_path
 
 from ..errors import CheckpointError
 from .backend import refuse_stored_edits
@@ -90,8 +92,15 @@ def rebuild_from_key(cls: type, model_key: str, **server_kwargs: Any) -> Any:
     the client traced against), ``device`` (GPU index or "cpu"), ``device_map``/``max_memory`` (one device only),
     ``trust_remote_code`` (ignored: nnsight-vla never runs checkpoint code). Other server arguments are ignored with
     a log line. Key fields beyond family/source/revision/dtype/tiny must be named parameters of the family's
-    constructor (its load options, e.g. pi0's ``camera_names``).
+    constructor (its load options, e.g. pi0's ``camera_names``). ``policy`` (a :class:`~.policy.ServerPolicy`, as
+    the server shim passes): the key must be admitted and its size, measured on the meta device, within the cap
+    before any weight is allocated.
     """
+    policy = server_kwargs.pop("policy", None)
+    if policy is not None:
+        admitted = policy.admit(f"{to_import_path(cls)}:{model_key}")
+        policy.check_size(describe_checkpoint(cls, model_key, server_kwargs.get("dtype") or "float32").size_bytes,
+                          admitted.tiny)
     try:
         data = json.loads(model_key)
     except ValueError as error:
@@ -128,9 +137,11 @@ def rebuild_from_key(cls: type, model_key: str, **server_kwargs: Any) -> Any:
 
 def describe_checkpoint(cls: type, model_key: str, dtype: str) -> Any:
     """What an NDIF controller needs to place the model: size in the dtype it will really be held in, parameter
-    count, config (for ``nnsight.status()``) and revision. Builds the structure only (no weights)."""
+    count, config (for ``nnsight.status()``) and revision. Built on the meta device: no weight is allocated, not
+    even for a tiny model (which the family builds with real weights at once)."""
     data = json.loads(model_key)
-    model = rebuild_from_key(cls, model_key, dispatch=False, dtype=dtype, check=False)
+    with MetaDevice():
+        model = rebuild_from_key(cls, model_key, dispatch=False, dtype=dtype, check=False)
     module = model._module
     tensors = [*module.parameters(), *module.buffers()]
     n_params = sum(p.nelement() for p in module.parameters())

@@ -1,11 +1,10 @@
 """Server-side glue for serving nnsight-vla models from an NDIF deployment (``ndif`` 0.1.2, nnsight 0.8.1).
 
-Imported only inside the NDIF server (it imports ``ray`` and ``ndif``, which are not client dependencies);
-select it with environment variables set before ``ray start``, no ndif file is edited:
-``NDIF_CONTROLLER_IMPORT_PATH=nnsight_vla.remote.server.ControllerActor`` (required with nnsight 0.8.1: ndif's
-evaluator passes ``trust_remote_code`` that 0.8.1 no longer accepts) and, on CPU-only servers,
-``NDIF_MODEL_IMPORT_PATH=nnsight_vla.remote.server.CPUModelActor`` (weights on the CPU, no CUDA bookkeeping;
-Ray must still declare a GPU, see :mod:`nnsight_vla.remote.stack`).
+Imported only inside the NDIF server (it imports ``ray`` and ``ndif``); selected by variables set before
+``ray start``: ``NDIF_CONTROLLER_IMPORT_PATH=nnsight_vla.remote.server.ControllerActor`` (required with nnsight 0.8.1)
+and ``NDIF_MODEL_IMPORT_PATH=nnsight_vla.remote.server.ModelActor`` (GPU) or ``.CPUModelActor`` (CPU test servers).
+All three check every model key against the operator's :class:`~.policy.ServerPolicy` BEFORE the key's class is
+imported, and cap its size measured on the meta device before any weight exists (:func:`admit_and_size`).
 """
 
 from __future__ import annotations
@@ -18,7 +17,19 @@ from ndif.common.schema.controller import DeploymentConfig
 from ndif.services.ray.deployments.controller.cluster.evaluator import CacheEntry, ModelEvaluator, _dtype_name
 from ndif.services.ray.deployments.controller.controller import _ControllerActor
 from ndif.services.ray.deployments.modeling.base import BaseModelDeployment
-from nnsight.modeling.mixins.remotable import Remotable, bytes_per_element
+from nnsight.modeling.mixins.remotable import CheckpointInfo, Remotable, bytes_per_element
+
+from .policy import ServerPolicy
+
+
+def admit_and_size(model_key: str, dtype: str) -> CheckpointInfo:
+    """The policy's verdict on a full key, then its description, sized on the meta device and checked against the
+    cap. The policy is read from the environment on each call (an operator's edit applies to the next deploy)."""
+    policy = ServerPolicy.from_env()
+    admitted = policy.admit(model_key)  # before Remotable resolves (imports) the class
+    described = Remotable.describe_checkpoint(model_key, dtype)
+    policy.check_size(described.size_bytes, admitted.tiny)
+    return described
 
 
 class Nnsight081Evaluator(ModelEvaluator):
@@ -33,7 +44,7 @@ class Nnsight081Evaluator(ModelEvaluator):
         cached = self.cache.get(model_key)
         if cached is not None and cached.dtype == resolved and cached.trust_remote_code == trust_remote_code:
             return cached
-        described = Remotable.describe_checkpoint(model_key, resolved)
+        described = admit_and_size(model_key, resolved)
         n_params = described.n_params
         if n_params is None:
             n_params = round(described.size_bytes / bytes_per_element(resolved))
@@ -76,7 +87,8 @@ class _CPUModelDeployment(BaseModelDeployment):
 
     def load_from_disk(self) -> Any:
         # ndif's call with the placement replaced by the CPU; the key's class decides how dtype/device apply
-        # (nnsight-vla: the key's dtype wins over the server default).
+        # (nnsight-vla: the key's dtype wins over the server default). The policy first, as on the GPU.
+        admit_and_size(self.model_key, self.dtype_name)
         model = Remotable.from_model_key(self.model_key, dispatch=True, dtype=self.dtype_name, device="cpu",
                                          **self.kwargs)
         model._module.requires_grad_(False)
@@ -92,3 +104,14 @@ class _CPUModelDeployment(BaseModelDeployment):
 
 
 CPUModelActor = ray.remote(num_cpus=1, max_restarts=-1)(_CPUModelDeployment)
+
+
+class _GuardedModelDeployment(BaseModelDeployment):
+    """ndif's GPU model actor, loading only keys the server's policy admits, within its size cap."""
+
+    def load_from_disk(self) -> Any:
+        admit_and_size(self.model_key, self.dtype_name)
+        return super().load_from_disk()
+
+
+ModelActor = ray.remote(num_cpus=1, max_restarts=-1)(_GuardedModelDeployment)

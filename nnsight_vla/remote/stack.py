@@ -148,7 +148,7 @@ def _server_env(cfg: dict) -> dict:
             "NDIF_MODEL_IMPORT_PATH": (
                 f"{cfg['shim']}.CPUModelActor"
                 if cfg["cpu"]
-                else "ndif.services.ray.deployments.modeling.base.ModelActor"
+                else f"{cfg['shim']}.ModelActor"
             ),
             "NDIF_CONTROLLER_IMPORT_PATH": f"{cfg['shim']}.ControllerActor",
             "NDIF_DEFAULT_DTYPE": cfg["dtype"],
@@ -404,7 +404,9 @@ def _ray_command(cfg: dict) -> list[str]:
         f"--metrics-export-port={p['ray_metrics']}",
         f"--runtime-env-agent-port={p['ray_runtime_env_agent']}",
         f"--resources={json.dumps(resources)}",
-        "--num-cpus=4",
+        # Ray slots, not cores: the controller and each model actor hold one (ndif places by GPU memory only, so
+        # an actor without a free slot would wait forever); 8 serve the controller and 7 deployed models
+        "--num-cpus=8",
         "--object-store-memory=200000000",
         f"--temp-dir={cfg['home'] / 'ray'}",
         "--disable-usage-stats",
