@@ -168,11 +168,33 @@ settings = rm.remote_settings(host="http://127.0.0.1:8001", api_key="my-key", co
 print(settings.describe(), repr(settings.api_key))
 
 # %% [markdown]
+# ## What a server agrees to build
+#
+# The key is the client's choice, so the server's operator decides which keys it builds (docs/remote.md §6): an
+# allowlist of classes (the nnsight-vla families), checkpoint roots and hub ids, and a size cap measured on the meta
+# device. The check runs before the key's class is imported; a refused checkpoint gets one message whatever the
+# reason. (The code of the `with` block still runs on the server: NDIF's design; isolate the server, docs/trust.md.)
+
+# %%
+from nnsight_vla.errors import CheckpointError
+from nnsight_vla.remote.policy import ServerPolicy
+
+policy = ServerPolicy.from_env({"NVLA_SERVER_CHECKPOINT_ROOTS": "/data/checkpoints",
+                                "NVLA_SERVER_HUB_IDS": "openvla/*"})
+print("admitted:", policy.admit(vla.model_key).class_path)
+for refused in ['this.Zen:{"tiny": {"seed": 0}}',
+                'nnsight_vla.models.openvla.OpenVLA:{"family": "openvla", "source": "/data/checkpoints/../../etc"}']:
+    try:
+        policy.admit(refused)
+    except CheckpointError as error:
+        print("refused:", error)
+
+# %% [markdown]
 # ## A real NDIF server on this machine (slow part)
 #
 # `nnsight_vla.remote.stack` starts the whole stack on 127.0.0.1 — Redis, an S3 stand-in (moto), Ray with the NDIF
 # controller and CPU model actors, ndif's API under gunicorn — in its own venv, and stops exactly what it started.
-# From a shell:
+# Every service listens on loopback only; `up` checks each listening socket and refuses otherwise. From a shell:
 #
 # ```bash
 # python -m nnsight_vla.remote.stack install      # once: Redis + the server venv (/work/venvs/ndif)
