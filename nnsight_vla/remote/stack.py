@@ -99,7 +99,7 @@ def _config() -> dict:
     NVLA_NDIF_PYTHON      interpreter used to create that venv      [python3.11 on PATH or pyenv 3.11]
     NVLA_NDIF_PYTHONPATH  import path for the server: where nnsight_vla lives  [this checkout's root, unless
                           nnsight_vla is installed in site-packages: then install it into the server venv]
-    NVLA_NDIF_SHIM        module holding ControllerActor/CPUModelActor  [nnsight_vla.remote.server]
+    NVLA_NDIF_SHIM        module holding ControllerActor/ModelActor/CPUModelActor  [nnsight_vla.remote.server]
     NVLA_NDIF_CPU         "1": CPU model actor + declared GPU; "0": stock GPU actor  [1 if no nvidia-smi]
     NVLA_NDIF_PORT_BASE   ports are base+offset (see PORTS)         [18000]
     NVLA_NDIF_EXEC_TIMEOUT  server-side execution timeout, seconds  [300]
