@@ -144,7 +144,8 @@ def bench_end_to_end():
         "model": {"layers": n_layers, "d_model": d_model, "d_mlp": d_mlp, "vocab_rows": rows, "k": K},
         "dense_s": t_ref, "lens_uncached_s": t_lens, "ratio_vs_dense": t_ref / t_lens,
         "lens_first_call_with_cache_write_s": t_first,
-        "lens_cached_call_s": t_second, "cache_speedup": min(t_lens, t_first) / t_second, "fingerprint_s": t_fingerprint,
+        "lens_cached_call_s": t_second, "cache_speedup": min(t_lens, t_first) / t_second,
+        "fingerprint_s": t_fingerprint,
         "cache_files_mb": cache_mb,
         "find_concept_s": timings,
     }

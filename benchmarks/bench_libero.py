@@ -38,8 +38,10 @@ import numpy as np  # noqa: E402
 
 from nnsight_vla import files  # noqa: E402
 from nnsight_vla.envs import libero as L  # noqa: E402
-from nnsight_vla.envs.conditions import baseline  # noqa: E402
-from nnsight_vla.envs.episodes import ResultsStore, environment_versions  # noqa: E402
+from nnsight_vla.rollout.conditions import baseline  # noqa: E402
+from nnsight_vla.rollout.policy import policy_surface  # noqa: E402
+from nnsight_vla.rollout.records import environment_versions  # noqa: E402
+from nnsight_vla.rollout.store import ResultsStore  # noqa: E402
 
 
 def bare_episode(task: L.LiberoTask, policy, recipe: L.ResolvedRecipe, cfg: L.LiberoConfig, trial: int):
@@ -116,7 +118,7 @@ def main() -> None:
         policy = L.ScriptedPolicy("openvla", image_size=224)
     cfg = L.LiberoConfig(suite="libero_10", tasks=(0,), trials=1, max_steps=args.steps, camera_size=args.camera_size,
                          offsamples=args.offsamples, hard_reset=False)
-    recipe = L.resolve_recipe(cfg, L._policy_surface(policy))
+    recipe = L.resolve_recipe(cfg, policy_surface(policy))
     t0 = time.perf_counter()
     task = L.task_env(cfg, recipe, 0)
     create_s = time.perf_counter() - t0
@@ -153,7 +155,8 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "load_avg_1min": os.getloadavg()[0]},
         "versions": environment_versions(),
-        "policy": args.policy, "torch_threads": args.threads, "suite": "libero_10", "task": 0, "policy_steps": args.steps,
+        "policy": args.policy, "torch_threads": args.threads, "suite": "libero_10", "task": 0,
+        "policy_steps": args.steps,
         "settle_steps": cfg.settle_steps, "camera_size": args.camera_size, "offsamples": args.offsamples,
         "image_size": list(recipe.image_size), "reps": args.reps,
         "env_create_s": round(create_s, 2),

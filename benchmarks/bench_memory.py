@@ -6,7 +6,8 @@ allocations), and then each condition is measured in its own ``fork()`` of that 
 from the same memory state. The child makes one unmeasured call (after a fork, torch and the allocator set
 themselves up again on first use, ~30 MB once), resets its peak resident set (Linux ``clear_refs``), makes
 ``--calls`` calls, and reports the growth of the peak (``VmHWM``) over its resident set before them: the extra
-memory a call needs beyond the model. The worker runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc serves every block of 64 KiB
+memory a call needs beyond the model. The worker runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc serves
+every block of 64 KiB
 or more (activations, logits, caches) with mmap and returns it to the system on free: the resident set then
 follows the live allocations and its peak is the call's peak (freed heap memory would otherwise be reused
 silently and hide it). Conditions:
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{extra}  steer/plain {entry.get('ratios', {}).get('steer_over_plain', float('nan')):.3f}",
                   flush=True)
     # how the extra memory scales with the model (medium vs tiny)
-    for family, sizes in results["families"].items():
+    for sizes in results["families"].values():
         if all("ratios" in sizes.get(s, {}) for s in ("tiny", "medium")):
             tiny, medium = sizes["tiny"], sizes["medium"]
             sizes["scaling"] = {

@@ -202,7 +202,7 @@ def profile_overhead(vla, steer: Steering, calls: int = 20) -> dict:
     for name, profile in profiles.items():
         buckets: dict[str, float] = {}
         seen = {"Interleaver.handle": 0.0, "module controllers": 0.0, "greenlet switches": 0.0}
-        for (filename, line, function), (_, ncalls, tottime, _, _) in pstats.Stats(profile).stats.items():
+        for (filename, _line, function), (_, ncalls, tottime, _, _) in pstats.Stats(profile).stats.items():
             bucket = _bucket(filename, function)
             buckets[bucket] = buckets.get(bucket, 0.0) + tottime / calls * 1e3
             if filename.endswith("nnsight/intervention/interleaver.py") and function == "handle":
@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
                     entry["profile"] = profile_overhead(vla, steer)
                 family_results[key] = entry
                 r, m, c, p = entry["ratios"], entry["median_ms"], entry["ratios_cpu"], entry["paired_ratios"]
-                print(f"{family:9s} {key:16s} plain {m['plain']:8.2f} ms  hook {m['hook']:8.2f}  steer {m['steer']:8.2f}"
+                print(f"{family:9s} {key:16s} plain {m['plain']:8.2f} ms  hook {m['hook']:8.2f}  "
+                      f"steer {m['steer']:8.2f}"
                       f"  edit {m['edit']:8.2f}  | steer/hook {r['steer_over_hook']:.3f}"
                       f"  steer/plain {r['steer_over_plain']:.3f}  (paired {p['steer_over_hook']:.3f} /"
                       f" {p['steer_over_plain']:.3f}; cpu {c['steer_over_hook']:.3f} / {c['steer_over_plain']:.3f})"

@@ -59,6 +59,8 @@ BENCHMARKS: dict[str, list[tuple[str, str, list[str], list[str]]]] = {
     ],
     "memory": [("memory", "bench_memory.py", ["--out", "{out}/memory.json"],
                 ["--sizes", "tiny", "--out", "{out}/memory.json"])],
+    "sweep": [("sweep", "bench_sweep.py", ["--trials", "4", "--steps", "20", "--out", "{out}/sweep.json"],
+               ["--trials", "1", "--steps", "5", "--out", "{out}/sweep.json"])],
 }
 #: medium-size models for the GPU figures (bfloat16): a 2048-wide, 16-layer language backbone
 GPU_MEDIUM = {
@@ -177,7 +179,7 @@ def _gpu_figures(device, families, reps, sizes, dtype, bs, nv, Steering) -> dict
             memory = {}
             if cuda:
                 images, kwargs = bs.call_args(vla)
-                for name, context in (("plain", contextlib.nullcontext), ("steer", lambda: steer.apply(vla))):
+                for name, context in (("plain", contextlib.nullcontext), ("steer", lambda: steer.apply(vla))):  # noqa: B023
                     torch.cuda.synchronize(device)
                     torch.cuda.reset_peak_memory_stats(device)
                     base = torch.cuda.memory_allocated(device)
@@ -333,6 +335,14 @@ def summarize(out: Path, runs: dict | None = None, gpu: dict | None = None, ran:
                                                    / (e["rss_after_build_mb"] + c["plain"]["peak_extra_mb"]), 4),
                 })
         summary["memory"] = {"rows": rows, "calls": data.get("calls"), "method": data.get("method")}
+    path = out / "sweep.json"
+    data = _load(path)
+    summary["sources"]["sweep"] = _source(path, data)
+    if data:
+        summary["sweep"] = {"rows": [{k: _r(v) if isinstance(v, float) else v for k, v in r.items()}
+                                     for r in data["rows"]],
+                            "episodes_equal_across_modes": data.get("episodes_equal_across_modes"),
+                            "workers": data.get("workers"), "trials": data.get("trials"), "steps": data.get("steps")}
     summary["process_peaks_mb"] = {name: r.get("peak_rss_mb") for name, r in runs.items()}
 
     if gpu is not None:
@@ -424,6 +434,22 @@ def markdown(summary: dict) -> str:
             f"({_fmt(ln['ns_per_mac'], '.3f')} ns per multiply-add) | extrapolated from the scaling runs |",
             "",
         ]
+    sw = summary.get("sweep")
+    if sw:
+        lines += [
+            "## Sweep throughput (`bench_sweep.py`)",
+            "",
+            f"The same episodes (shipped model in the arm scene, {sw['trials']} trials x 2 conditions x "
+            f"{sw['steps']} steps) run by each executor; ratio = episodes per hour against the one-process "
+            f"loop. Episodes identical across modes: {sw['episodes_equal_across_modes']}.",
+            "",
+            "| mode | episodes | wall (s) | episodes / h | vs one process |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in sw["rows"]:
+            lines.append(f"| {r['mode']} | {r['episodes']} | {_fmt(r['wall_s'], '.1f')} | "
+                         f"{_fmt(r['episodes_per_hour'], '.0f')} | {_fmt(r['vs_inline'], '.2f')} |")
+        lines.append("")
     lb = summary.get("libero")
     if lb:
         lines += [
@@ -484,7 +510,8 @@ def markdown(summary: dict) -> str:
                     continue
                 lines.append(f"| {family} | {stack} | {r['median_ms']['plain']:.1f} | {r['median_ms']['hook']:.1f} | "
                              f"{r['median_ms']['steer']:.1f} | {r['paired_ratios']['steer_over_hook']:.3f} | "
-                             f"{_fmt(r.get('plain_peak_extra_mb'), '.0f')} | {_fmt(r.get('steer_peak_extra_mb'), '.0f')} |")
+                             f"{_fmt(r.get('plain_peak_extra_mb'), '.0f')} | "
+                             f"{_fmt(r.get('steer_peak_extra_mb'), '.0f')} |")
     else:
         lines.append(f"Not run: {gpu.get('reason', 'no GPU')}.")
     lines += ["", "## Sources", "", "| benchmark | results file | measured |", "|---|---|---|"]

@@ -36,7 +36,8 @@ def as_queries(items: Iterable[Any]) -> list[Query]:
         elif isinstance(item, (tuple, list)) and len(item) in (2, 3):
             out.append(Query(*item))
         else:
-            raise InputError(f"a query is (images, instruction[, state]), a mapping or a Query; got {type(item).__name__}")
+            raise InputError("a query is (images, instruction[, state]), a mapping or a Query; "
+                             f"got {type(item).__name__}")
     if not out:
         raise InputError("no queries given")
     return out

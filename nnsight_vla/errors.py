@@ -134,7 +134,8 @@ class RemoteError(VLAError):
 _REMOTE_DOCS = {
     "RemoteExecutionError": "A remote run failed (also nnsight's ``RemoteError``). Attributes: ``host``, "
                             "``model_key``, ``server_message`` (the server's own text, key removed), ``job_id``.",
-    "RemoteUnreachableError": "No connection to the server (refused, unknown host, closed mid-job, service unavailable).",
+    "RemoteUnreachableError": "No connection to the server (refused, unknown host, closed mid-job, service "
+                              "unavailable).",
     "RemoteTimeoutError": "A bound ran out: the connect/handshake timeout, the client's total deadline, or the "
                           "server's own limit.",
     "RemoteModelError": "The server could not build or deploy the model key (class not allowed or not importable, "

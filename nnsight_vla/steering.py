@@ -66,7 +66,7 @@ MAX_ABS_ALPHA = 1e4
 SCOPES = ("every", "prefill")
 
 #: the prompt baseline's template: the concept word appended to the task instruction (as in
-#: ``nnsight_vla.envs.conditions.prompt_baseline``), e.g. "pick up the black bowl fast".
+#: ``nnsight_vla.rollout.conditions.prompt_baseline``), e.g. "pick up the black bowl fast".
 PROMPT_TEMPLATE = "{instruction} {word}"
 
 # a layer count large enough to check the syntax of a layer subset before the model is known
@@ -793,7 +793,8 @@ def _stack_dims(model: Any, neurons: NeuronSet) -> tuple[int, int, int]:
     if neurons.d_mlp is not None and neurons.d_mlp != d_mlp:
         raise InputError(f"neuron set {neurons.name!r} was made for d_mlp={neurons.d_mlp}, the bridge has {d_mlp}")
     if neurons.num_layers is not None and neurons.num_layers != num_layers:
-        raise InputError(f"neuron set {neurons.name!r} was made for {neurons.num_layers} layers, the bridge has {num_layers}")
+        raise InputError(f"neuron set {neurons.name!r} was made for {neurons.num_layers} layers, the bridge has "
+                         f"{num_layers}")
     bad = [(l, n) for l, n in neurons.pairs if l >= num_layers or n >= d_mlp]
     if bad:
         raise IndexOutOfRangeError(f"neurons outside the bridge ({num_layers} layers x {d_mlp}): {bad[:5]}")
@@ -806,7 +807,8 @@ def _tl_hooks(steerings: Sequence[Steering], model: Any) -> list[tuple[str, Call
         neurons = steer.resolve(model)  # checks the set against the model first
         if steer.stack != "backbone":
             raise InputError(
-                f"TransformerLens hooks exist for the language backbone only; {steer.name!r} steers the {steer.stack} stack"
+                f"TransformerLens hooks exist for the language backbone only; {steer.name!r} steers the "
+                f"{steer.stack} stack"
             )
         for layer, ops in steer._ops(neurons).items():
             per_layer.setdefault(layer, []).extend(ops)
@@ -822,6 +824,7 @@ def _tl_hooks(steerings: Sequence[Steering], model: Any) -> list[tuple[str, Call
 
 
 __all__ = [
-    "AppliedSteering", "MAX_ABS_ALPHA", "MODES", "PROMPT_TEMPLATE", "SCOPES", "Steering", "SteeringGroup", "forward_count",
+    "AppliedSteering", "MAX_ABS_ALPHA", "MODES", "PROMPT_TEMPLATE", "SCOPES", "Steering", "SteeringGroup",
+    "forward_count",
     "load_neurons", "export_neurons", "pinned_activations", "prompt_baseline", "steering_from_dict",
 ]

@@ -47,6 +47,15 @@ def test_every_command_and_option_is_described():
     assert "--no-progress" in help_text and "--no-no-progress" not in help_text
 
 
+def test_every_command_renders_its_help():
+    """--help of every command and group renders (a bracket in a help text once broke rich's markup)."""
+    root = typer.main.get_command(app)
+    for name, _ in _commands(root):
+        result = invoke(*name.split(), "--help")
+        assert result.exit_code == 0, (name, result.output, result.exception)
+        assert "Usage:" in result.output
+
+
 def test_help_is_quick_and_python_m_is_the_same_app():
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "nnsight_vla", "--help"], capture_output=True, text=True, timeout=120)

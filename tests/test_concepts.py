@@ -130,7 +130,8 @@ def test_knn_drops_neighbourhood_outliers(planted):
 def test_keyword_mode_recovers_exactly_the_planted_neurons(planted):
     _, lens = planted
     for concept, pairs in PLANTED.items():
-        found = find_concept(lens, concept, size=len(pairs), method="keyword", synonyms=FAST[1:] if concept == "fast" else SLOW[1:])
+        synonyms = FAST[1:] if concept == "fast" else SLOW[1:]
+        found = find_concept(lens, concept, size=len(pairs), method="keyword", synonyms=synonyms)
         assert found.pairs == tuple(sorted(pairs)), (concept, found.meta["scores"])
         assert all(s["count"] == 3 for s in found.meta["scores"])
     # built-in synonyms (what the robot experiments used: top-6 by keyword frequency)

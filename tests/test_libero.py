@@ -412,7 +412,7 @@ def test_soft_reset_equals_hard_reset(tmp_path):
             recipe = L.resolve_recipe(cfg, policy_surface(policy))
             ep = L.run_episode(L.task_env(cfg, recipe, 0), policy, recipe, baseline(), trial=trial, config=cfg)
             runs.setdefault(trial, []).append(np.column_stack([ep.columns[c] for c in ("eef_x", "eef_y", "eef_z")]))
-    for trial, trajectories in runs.items():
+    for trajectories in runs.values():
         for other in trajectories[1:]:
             np.testing.assert_array_equal(other, trajectories[0])
     L.close_envs()

@@ -228,7 +228,8 @@ def test_plots_from_saved_results(tmp_path):
 
     from nnsight_vla.reports import plots
 
-    conds = [C.baseline()] + [C.steered("up", Knob(a), alpha=a, layers=l) for a in (2, 8) for l in ("early", "late", "all")]
+    conds = [C.baseline()] + [C.steered("up", Knob(a), alpha=a, layers=l)
+                              for a in (2, 8) for l in ("early", "late", "all")]
     store = ResultsStore.create(tmp_path / "r", CONFIG, [c.to_dict() for c in conds], kind="test")
     for i, cond in enumerate(conds):
         for trial in range(2):
@@ -252,7 +253,7 @@ def test_plots_are_never_degenerate_and_say_how_many_episodes_run(tmp_path):
 
     conds = [C.baseline(), C.steered("up", Knob(2), alpha=2, layers="all")]
     store = ResultsStore.create(tmp_path / "r", CONFIG, [c.to_dict() for c in conds], kind="test")
-    for i, cond in enumerate(conds):
+    for cond in conds:
         for trial, steps in enumerate((8, 12)):
             store.write_episode(line_episode(EpisodeKey(cond.name, 0, trial), 0.01, steps=steps))
     names = {f.name for f in plots.plot_all(store, tmp_path / "plots")}

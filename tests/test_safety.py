@@ -288,7 +288,7 @@ def test_rule_tcp_speed_and_acc(twin, armed, eventually):
 
 def test_rule_watchdog_stops_a_stale_policy(twin):
     """A policy that does not answer within watchdog_s: the arm is stopped and the episode halts."""
-    from nnsight_vla.envs.conditions import baseline
+    from nnsight_vla.rollout.conditions import baseline
     from nnsight_vla.envs.ur5 import TwinCamera, UR5ScriptedPolicy, run_episode
 
     _reset(twin)

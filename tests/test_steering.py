@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import nnsight_vla as nv
-from nnsight_vla.envs.conditions import Condition
+from nnsight_vla.rollout.conditions import Condition
 from nnsight_vla.errors import IndexOutOfRangeError, InputError, UnknownFamilyError
 from nnsight_vla.neurons import NeuronSet
 from nnsight_vla.steering import (
@@ -101,7 +101,7 @@ def hook_reference(vla, by_layer, values, stack="backbone", add=False, first_onl
     for layer, neurons in by_layer.items():
         calls = [0]
 
-        def pre_hook(module, args, neurons=list(neurons), calls=calls, layer=layer):
+        def pre_hook(module, args, neurons=list(neurons), calls=calls, layer=layer):  # noqa: B006 - bound per hook
             calls[0] += 1
             if first_only and calls[0] > 1:
                 return None
@@ -124,7 +124,7 @@ def hook_reference(vla, by_layer, values, stack="backbone", add=False, first_onl
 def assert_same_records(got, want):
     assert [n for n, _ in got] == [n for n, _ in want], "different forward passes"
     for (name, a), (_, b) in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")  # noqa: B023 - called at once
 
 
 def records_differ(a, b):
@@ -273,10 +273,10 @@ def test_edit_in_trace_equals_plain_hooks(vla):
         assert forward_count(vla, stack, **kwargs) == runs
         root_forwards = count_forwards(vla, None, lambda: predict(vla))
 
-        def traced_edit():
+        def traced_edit():  # noqa: B023 - defined and called within one loop iteration
             torch.manual_seed(0)
             with vla.predict_action(images, instruction, **kwargs) as tracer:
-                steer.edit(vla, tracer)  # steps from forward_count (OpenVLA: 7)
+                steer.edit(vla, tracer)  # noqa: B023 - steps from forward_count (OpenVLA: 7)
                 result = tracer.result.save()
             return result
 
@@ -287,8 +287,8 @@ def test_edit_in_trace_equals_plain_hooks(vla):
         def traced_steps():
             torch.manual_seed(0)
             with vla.predict_action(images, instruction, **kwargs) as tracer:
-                for step in tracer.iter[:root_forwards]:
-                    steer.edit_step(vla, step)
+                for step in tracer.iter[:root_forwards]:  # noqa: B023 - called within its loop iteration
+                    steer.edit_step(vla, step)  # noqa: B023
             return None
 
         per_step, _ = capture(vla, traced_steps)
@@ -603,7 +603,7 @@ def test_model_is_clean_after_any_exception(openvla):
     with pytest.raises(ZeroDivisionError):
         with steer.apply(vla):
             predict(vla)
-            1 / 0
+            raise ZeroDivisionError("division by zero")
     # an error inside the user's own trace body, nested in apply()
     with pytest.raises(KeyError):
         with steer.apply(vla):
@@ -665,7 +665,8 @@ def test_prompt_baseline():
     assert PROMPT_TEMPLATE == "{instruction} {word}"
     assert prompt_baseline("pick up the bowl", "fast") == "pick up the bowl fast"
     assert prompt_baseline(" pick up the bowl ", "up", "move {word}: {instruction}") == "move up: pick up the bowl"
-    assert Condition("p", prompt=PROMPT_TEMPLATE.replace("{word}", "fast")).instruction("x") == prompt_baseline("x", "fast")
+    condition = Condition("p", prompt=PROMPT_TEMPLATE.replace("{word}", "fast"))
+    assert condition.instruction("x") == prompt_baseline("x", "fast")
     with pytest.raises(InputError, match="word"):
         prompt_baseline("pick", "")
     with pytest.raises(InputError, match="must contain"):

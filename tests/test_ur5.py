@@ -18,9 +18,10 @@ import pytest
 pytest.importorskip("rtde_control")
 pytest.importorskip("mujoco")
 
-from nnsight_vla.envs.conditions import Condition, SpeedSteering, baseline  # noqa: E402
-from nnsight_vla.envs.episodes import ResultsStore  # noqa: E402
+from nnsight_vla.rollout.conditions import Condition, SpeedSteering, baseline  # noqa: E402
+from nnsight_vla.rollout.store import ResultsStore  # noqa: E402
 from nnsight_vla.envs.ur5 import SafetyConfig, URKinematics  # noqa: E402
+from nnsight_vla.cli.ur5 import run_command as run_cli  # noqa: E402
 from nnsight_vla.envs.ur5 import (  # noqa: E402
     DEFAULT_HOME_Q,
     CameraError,
@@ -32,7 +33,6 @@ from nnsight_vla.envs.ur5 import (  # noqa: E402
     UR5Robot,
     UR5ScriptedPolicy,
     probe_controller,
-    run_cli,
     run_conditions,
     run_episode,
 )
@@ -207,7 +207,7 @@ def test_hung_controller_does_not_hang(tmp_path):
         code = f"import rtde_receive; rtde_receive.RTDEReceiveInterface({host!r}); print('connected')"
         with pytest.raises(subprocess.TimeoutExpired):  # the hazard is real
             subprocess.run([sys.executable, "-c", code], timeout=3, capture_output=True, stdin=subprocess.DEVNULL)
-        code = ("from nnsight_vla.envs.ur5 import run_cli\n"
+        code = ("from nnsight_vla.cli.ur5 import run_command as run_cli\n"
                 f"run_cli({host!r}, cameras='twin', results={str(tmp_path / 'r')!r}, steps=2)\n")
         t0 = time.perf_counter()
         out = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True, text=True,

@@ -21,6 +21,7 @@ import pytest
 pytest.importorskip("rtde_control")
 pytest.importorskip("mujoco")
 
+from nnsight_vla.cli.ur5 import run_command as run_cli  # noqa: E402
 from nnsight_vla.envs.ur5 import (  # noqa: E402
     DEFAULT_HOME_Q,
     RobotConfigError,
@@ -34,7 +35,6 @@ from nnsight_vla.envs.ur5 import (  # noqa: E402
     URKinematics,
     free_loopback_host,
     pose_to_matrix,
-    run_cli,
     run_conditions,
 )
 from nnsight_vla.envs.ur5.poses import relative_rotvec  # noqa: E402

@@ -90,7 +90,7 @@ N = vla.forward_count()
 print("forwards per predict_action:", N)
 acts, logits = [], []
 with vla.predict_action(image, INSTRUCTION, **KW) as tracer:
-    for step in tracer.iter[:N]:
+    for _ in tracer.iter[:N]:
         acts.append(vla.layers[2].mlp.act.output.save())  # (batch, positions, d_mlp)
         logits.append(vla.lm_head.output.save())  # (batch, positions, vocab)
     traced_action = tracer.result.save()  # what predict_action returned
@@ -189,7 +189,8 @@ ids = torch.tensor([[1, 40, 41, 300, 700, 12]])
 with torch.no_grad():
     tl_logits, cache = bridge.run_with_cache(ids)
     tl_edited = bridge.run_with_hooks(
-        ids, fwd_hooks=[(f"blocks.{LAYER}.mlp.hook_post", lambda x, hook: x.index_fill_(-1, torch.tensor(NEURONS), ALPHA))]
+        ids, fwd_hooks=[(f"blocks.{LAYER}.mlp.hook_post",
+                         lambda x, hook: x.index_fill_(-1, torch.tensor(NEURONS), ALPHA))]
     )
 language_model = vla._module.language_model  # the Llama inside OpenVLA
 with vla.trace(ids, fn=language_model.forward):
@@ -265,7 +266,8 @@ for family in ("pi0", "pi0-fast"):
         assert not np.allclose(traced, baseline), "the edit changes pi0's actions"
     else:  # both runs fall back to the zero chunk; the generated tokens show the edit
         tokens_after = model.last_decode.token_ids  # of the last call: the hooked run, equal to the traced one
-        print(f"  generated tokens unedited {tokens_before.tolist()}\n                   edited   {tokens_after.tolist()}")
+        print(f"  generated tokens unedited {tokens_before.tolist()}\n"
+              f"                   edited   {tokens_after.tolist()}")
         assert not np.array_equal(tokens_before, tokens_after)
     bridge = model.to_transformer_lens()  # the PaliGemma backbone (π0's expert has no unembedding, so no TL view)
     hook_names = [name for name in bridge.hook_dict if name.startswith("blocks.") and name.endswith("mlp.hook_post")]

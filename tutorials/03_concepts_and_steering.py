@@ -104,7 +104,8 @@ for concept in ("fast", "slow", "high", "low"):
     print(f"{concept:5s} all: layers {sets[concept, 'all'].layers}; top tokens of its best vector: "
           f"{sets[concept, 'all'].meta['scores'][0]['tokens']}")
 used = [p for (c, layers), s in sets.items() if layers == "all" for p in s.pairs]
-controls = {c: random_control(sets[c, "all"], seed=i, exclude=used) for i, c in enumerate(("fast", "slow", "high", "low"))}
+controls = {c: random_control(sets[c, "all"], seed=i, exclude=used)
+            for i, c in enumerate(("fast", "slow", "high", "low"))}
 print(controls["fast"], "by layer:", controls["fast"].by_layer())
 
 # neuron sets are files (JSON/YAML; the authors' flat-index YAML files load too)
@@ -174,7 +175,8 @@ print(f"99th percentile of |activation| over all neurons: {float(torch.quantile(
 for concept in ("fast", "slow", "high", "low"):
     rows, cols = zip(*sets[concept, "all"].pairs)
     with_word = last_position_activations(concept)
-    print(f"{concept:5s} neurons, largest activation: neutral {float(neutral[:, rows, cols].max(1).values.mean()):6.2f}, "
+    largest = float(neutral[:, rows, cols].max(1).values.mean())
+    print(f"{concept:5s} neurons, largest activation: neutral {largest:6.2f}, "
           f"with '{concept}' in the instruction {float(with_word[:, rows, cols].max(1).values.mean()):6.2f}")
 ALPHA = 10.0  # the paper's robot experiments; its simulation sweep goes from 2 to 20
 print(f"α = {ALPHA:g}")
@@ -193,7 +195,8 @@ for concept in ("fast", "slow", "high", "low"):
 base_speed, base_height = results["baseline"]
 print(f"{'condition':14s} {'speed':>7s} {'Δ%':>7s} {'height':>8s} {'Δ':>8s}")
 for name, (speed, height) in results.items():
-    print(f"{name:14s} {speed:7.3f} {100 * (speed / base_speed - 1):+6.0f}% {height:+8.3f} {height - base_height:+8.3f}")
+    change = 100 * (speed / base_speed - 1)
+    print(f"{name:14s} {speed:7.3f} {change:+6.0f}% {height:+8.3f} {height - base_height:+8.3f}")
 
 # %% [markdown]
 # **The α sweep**: steering strength against effect, for both speed concepts and their random controls.

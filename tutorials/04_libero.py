@@ -39,7 +39,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import nnsight_vla as nv

@@ -38,8 +38,9 @@ import numpy as np
 
 import nnsight_vla as nv
 from nnsight_vla.reports import plots
-from nnsight_vla.envs.conditions import Condition, SpeedSteering, baseline
-from nnsight_vla.envs.episodes import ResultsStore, compare_conditions, format_rows
+from nnsight_vla.rollout.conditions import Condition, SpeedSteering, baseline
+from nnsight_vla.rollout.stats import compare_conditions, format_rows
+from nnsight_vla.rollout.store import ResultsStore
 from nnsight_vla.envs.ur5 import SafetyConfig, SafetyEnvelope, SafetyViolation, URKinematics
 from nnsight_vla.envs.ur5 import DEFAULT_HOME_Q, UR5Config, UR5ScriptedPolicy, load_config, probe_controller, \
     run_conditions

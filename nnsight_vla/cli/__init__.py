@@ -11,7 +11,7 @@ import typer
 from . import demo as _demo, libero as _libero, method as _method, remote as _remote, training as _training
 from . import report as _report, serve as _serve, ur5 as _ur5
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Trace, read and steer robot VLA models (OpenVLA, pi0, pi0-FAST).")
 app.command("info")(_method.info)
 app.command("lens")(_method.lens)

@@ -11,7 +11,8 @@ from ..errors import InputError
 from .errors import handled, progress_enabled
 from .models import FAMILY_HELP
 
-app = typer.Typer(no_args_is_help=True, help="Run steered policies in the LIBERO simulator and report.")
+app = typer.Typer(rich_markup_mode=None, no_args_is_help=True,
+                  help="Run steered policies in the LIBERO simulator and report.")
 
 CONDITION_HELP = ("a condition (repeat, or comma-separate): baseline, prompt:WORD, steer:FILE[#KEY]@ALPHA[/LAYERS], "
                   "random:FILE[#KEY]@ALPHA[/LAYERS][:SEED], speed:FACTOR, or a conditions .json/.yaml file "

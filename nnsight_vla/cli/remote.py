@@ -11,7 +11,8 @@ from ..errors import InputError
 from .errors import handled
 from .models import FAMILY_HELP
 
-app = typer.Typer(no_args_is_help=True, help="Remote execution on an NDIF-style server (docs/remote.md).")
+app = typer.Typer(rich_markup_mode=None, no_args_is_help=True,
+                  help="Remote execution on an NDIF-style server (docs/remote.md).")
 
 
 @app.command("check")

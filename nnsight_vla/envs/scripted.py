@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import InputError, VLAError
+from ..errors import InputError
 
 
 class ScriptedPolicyBase:

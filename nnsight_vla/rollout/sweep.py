@@ -39,7 +39,9 @@ class Environment(Protocol):
         """Run one episode (the condition's context applied around the policy's calls) and return it."""
 
     def close(self) -> None:
-        """Free simulators, windows, connections."""
+        """Free simulators, windows, connections (the sweep calls it when it ends)."""
+
+    # optional: ``stop_reason() -> str | None``, asked after each committed episode; a reason ends the sweep
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class SweepReport:
     env_steps: int = 0
     wall_s: float = 0.0
     worker_restarts: int = 0
+    stopped: str | None = None  # why the environment stopped the sweep early (e.g. a robot halt)
 
     @property
     def steps_per_s(self) -> float:
@@ -77,7 +80,8 @@ class SweepReport:
         s = (f"{self.completed} episodes run, {self.skipped} already done, {len(self.failed)} failed "
              f"(of {self.total}); {self.env_steps} policy steps in {self.wall_s:.1f} s = "
              f"{self.steps_per_s:.2f} steps/s; results in {self.results}")
-        return s + (f"; {self.worker_restarts} worker restart(s)" if self.worker_restarts else "")
+        s += f"; {self.worker_restarts} worker restart(s)" if self.worker_restarts else ""
+        return s + (f"; STOPPED: {self.stopped}" if self.stopped else "")
 
 
 class _Progress:
@@ -117,6 +121,10 @@ class _Progress:
         for bar in self.bars.values():
             bar.close()
         self.overall.close()
+
+
+class _Stop(Exception):
+    """Raised by the commit callback when the environment asks the sweep to stop."""
 
 
 def sweep_jobs(env: Environment, conditions: Sequence[Condition]) -> list[EpisodeJob]:
@@ -162,6 +170,13 @@ def run_sweep(
         raise InputError(f"the {env.kind} environment runs in this process only (executor=Inline())")
     surface = _surface(env, policy)
     env.bind(surface)
+    try:
+        return _sweep(env, policy, conditions, results, executor, progress, on_episode, run_info)
+    finally:
+        env.close()
+
+
+def _sweep(env, policy, conditions, results, executor, progress, on_episode, run_info) -> SweepReport:
     identity = {**env.identity(), "policy": policy_identity(policy)}
     jobs = sweep_jobs(env, conditions)
     info = {"episodes": len(jobs), "executor": executor.describe(), "conditions": [c.name for c in conditions],
@@ -192,6 +207,10 @@ def run_sweep(
             bars.update(episode)
             if on_episode is not None:
                 on_episode(episode, report)
+            stop = getattr(env, "stop_reason", None)
+            if stop is not None and stop():
+                report.stopped = stop()
+                raise _Stop
 
         def failed(job: EpisodeJob, exc: BaseException) -> None:
             report.failed.append({"episode": job.key.id, "error": f"{type(exc).__name__}: {exc}"})
@@ -200,6 +219,8 @@ def run_sweep(
         try:
             if todo:
                 report.worker_restarts = executor.run(todo, env, policy, store, commit, failed) or 0
+        except _Stop:
+            bars.write(f"sweep stopped: {report.stopped}; fix the cause, then rerun to resume")
         finally:
             report.wall_s = time.perf_counter() - t0
             bars.close()

@@ -20,7 +20,7 @@ class ScriptedPolicy(ScriptedPolicyBase):
     ``family="pi0"`` / ``"pi0-fast"``: a proportional controller on the 8-d state towards ``target`` (eef xyz),
     returning chunks of ``horizon`` identical actions in LIBERO's convention (gripper -1 = open).
 
-    ``speed`` scales every translation command; :class:`~nnsight_vla.envs.conditions.SpeedSteering` changes it
+    ``speed`` scales every translation command; :class:`~nnsight_vla.rollout.conditions.SpeedSteering` changes it
     inside a condition's context, like neuron steering changes a real model. Inputs are validated like a real
     model's (camera names, HxWx3 uint8 images, state size) and the last inputs are kept for inspection.
     """

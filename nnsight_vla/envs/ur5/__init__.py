@@ -36,7 +36,7 @@ _LAZY = {
     **dict.fromkeys(("UR5Robot", "RobotState", "Gripper", "IOGripper"), "robot"),
     "UR5ScriptedPolicy": "scripted",
     **dict.fromkeys(("run_episode", "check_policy", "resolve_plan", "action_rows", "Plan"), "episode"),
-    **dict.fromkeys(("run_conditions", "run_cli", "SweepResult"), "runner"),
+    **dict.fromkeys(("run_conditions", "build_policy", "SweepResult"), "runner"), "UR5Env": "env",
     **dict.fromkeys(("TwinConfig", "TwinProcess", "TwinClient", "run_twin", "twin_cli", "free_loopback_host"), "twin"),
 }
 
@@ -54,8 +54,8 @@ __all__ = [  # noqa: F822 - the lazy names resolve through __getattr__
     "OpenCVCamera", "Plan", "RTDE_PORT", "RULES", "RobotConfigError", "RobotConnectionError", "RobotError",
     "RobotHalted", "RobotModelError", "RobotState", "SCRIPT_PORT", "SafetyConfig", "SafetyConfigError",
     "SafetyEnvelope", "SafetyViolation", "ServoState", "SweepResult", "TwinCamera", "TwinClient", "TwinConfig",
-    "TwinError", "TwinProcess", "UR5Config", "UR5Robot", "UR5ScriptedPolicy", "URKinematics", "UR_DH_PARAMS",
+    "TwinError", "UR5Env", "TwinProcess", "UR5Config", "UR5Robot", "UR5ScriptedPolicy", "URKinematics", "UR_DH_PARAMS",
     "Watchdog", "action_rows", "check_model", "free_loopback_host", "load_config", "load_mapping",
     "matrix_to_pose", "open_camera", "check_policy", "pose_to_matrix", "probe_controller", "resolve_plan",
-    "rotation_angle", "run_cli", "run_conditions", "run_episode", "run_twin", "twin_cli",
+    "rotation_angle", "build_policy", "run_conditions", "run_episode", "run_twin", "twin_cli",
 ]

@@ -17,7 +17,7 @@ class UR5ScriptedPolicy(ScriptedPolicyBase):
     every ``period`` calls, expressed as the family expects (π0: chunks of joint deltas relative to the observed
     joints, from the UR5 Jacobian; OpenVLA: one TCP delta per call).
 
-    ``speed`` scales the velocity (what :class:`~nnsight_vla.envs.conditions.SpeedSteering` changes); ``lift``
+    ``speed`` scales the velocity (what :class:`~nnsight_vla.rollout.conditions.SpeedSteering` changes); ``lift``
     adds an upward velocity (m/s), for height experiments. Inputs are validated like a model's."""
 
     def __init__(self, family: str = "pi0", *, velocity=(0.0, 0.08, 0.0), lift: float = 0.0, period: int = 4,
