@@ -44,11 +44,11 @@ class ExperimentConfig:
     k_neighbors: int = 20
     lens_k: int = 10
     percentile: float = 99.0  # alpha's unit: this percentile of |mlp.act| per layer on neutral frames
-    alpha: float = 2.0  # the declared alpha, relative to the unit
-    sweep: tuple = (0.5, 1.0, 4.0)  # further relative alphas (all layers)
+    alpha: float = 4.0  # the declared alpha, relative to the unit (chosen on development frames only)
+    sweep: tuple = (1.0, 2.0, 8.0)  # further relative alphas (all layers)
     layer_subsets: tuple = ("early", "late")
     random_sets: int = 10  # random sets per concept per alpha (matched per layer)
-    random_trials: int = 20  # episodes of each random set (paired with the first trials of the baseline)
+    random_trials: int = 12  # episodes of each random set (paired with the first trials, run unsteered beside them)
     trials: int = 40  # paired episodes of baseline, concepts and prompts
     max_steps: int = 45
     seed: int = 20000  # evaluation scene seeds seed .. seed + trials - 1 (never used in development)
