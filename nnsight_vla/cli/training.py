@@ -46,20 +46,24 @@ def experiment(
     out: Annotated[Path, typer.Option(help="results folder (resumable)")] = Path("results/trained_vla"),
     model: Annotated[Optional[str], typer.Option(help="fine-tuned checkpoint (default: the shipped one)")] = None,
     base: Annotated[Optional[str], typer.Option(help="its base checkpoint, for the diff (default: shipped)")] = None,
-    trials: Annotated[int, typer.Option(min=1, help="paired episodes per condition")] = 20,
-    alpha: Annotated[float, typer.Option(help="the main comparison's alpha")] = 4.0,
-    size: Annotated[int, typer.Option(min=1, help="neurons per concept")] = 10,
+    trials: Annotated[Optional[int], typer.Option(min=1, help="paired episodes per condition (pre-registered: 40)")]
+    = None,
+    random_sets: Annotated[Optional[int], typer.Option(min=0, help="random sets per concept per alpha "
+                                                                   "(pre-registered: 10)")] = None,
     workers: Annotated[int, typer.Option(min=1, help="worker processes for the rollouts")] = 2,
-    max_steps: Annotated[int, typer.Option(min=1, help="policy steps per episode")] = 45,
-    quick: Annotated[bool, typer.Option(help="main conditions only, few trials (tests)")] = False,
+    quick: Annotated[bool, typer.Option(help="declared alpha only, few trials (tests); not the pre-registered run")]
+    = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars (terminal only)")] = True,
 ) -> None:
-    """The end-to-end experiment on the trained model: lens, concepts, steered rollouts, statistics, plots."""
-    from ..training.experiment import ExperimentConfig, report_markdown, run_experiment
+    """The pre-registered experiment on the trained model (docs/trained_vla/PREREGISTRATION.md): lens, concepts,
+    gates, paired rollouts on held-out seeds, statistics, criteria, plots. Resumable."""
+    from ..training.experiment import ExperimentConfig, run_experiment
+    from ..training.report import markdown
 
     config = ExperimentConfig.quick() if quick else ExperimentConfig()
-    config.model, config.base = model, base
-    if not quick:
-        config.trials, config.alpha, config.size, config.workers, config.max_steps = trials, alpha, size, workers, \
-            max_steps
-    typer.echo(report_markdown(run_experiment(out, config, progress=progress_enabled(progress))))
+    config.model, config.base, config.workers = model, base, workers
+    if trials is not None:
+        config.trials = trials
+    if random_sets is not None:
+        config.random_sets = random_sets
+    typer.echo(markdown(run_experiment(out, config, progress=progress_enabled(progress))))
