@@ -48,3 +48,18 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 2, **dumps_kwargs: Any) -> Path:
     """Write ``data`` as JSON (plus a final newline) atomically; ``dumps_kwargs`` go to :func:`json.dumps`."""
     return write_text(path, json.dumps(data, indent=indent, **dumps_kwargs) + "\n")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (a zombie counts as gone): decides whether a temp file's writer or
+    a started service is still there."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True  # no /proc: kill(0) said it exists

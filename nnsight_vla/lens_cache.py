@@ -195,16 +195,6 @@ def read_cache(path: Path, identity: dict, strict: bool) -> tuple | None:
     return arrays[0], arrays[1], sidecar
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_orphans(folder: str | os.PathLike, now: float | None = None) -> list[Path]:
     """Remove temp files that killed lens writers left in ``folder``; returns what was removed.
 
@@ -229,7 +219,7 @@ def clean_orphans(folder: str | os.PathLike, now: float | None = None) -> list[P
             continue
         pid = int(match["pid"])
         own = pid == os.getpid()
-        if age > ORPHAN_MAX_AGE_S or (not own and age > ORPHAN_GRACE_S and not _pid_alive(pid)):
+        if age > ORPHAN_MAX_AGE_S or (not own and age > ORPHAN_GRACE_S and not files.pid_alive(pid)):
             entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed

@@ -393,9 +393,14 @@ def test_bad_remote_argument(vla, image):
                 tracer.result.save()
 
 
-def test_remote_check_offline(capsys):
-    assert rm.remote_check_cli(simulate=True) == 0
-    report = json.loads(capsys.readouterr().out)
+def test_remote_check_offline():
+    from typer.testing import CliRunner
+
+    from nnsight_vla.cli import app
+
+    result = CliRunner().invoke(app, ["remote", "check", "--simulate"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
     assert report["ok"] and report["equal_to_local"]
 
 

@@ -19,7 +19,7 @@ _BACKEND = (
 )
 _KEYS = ("AUTO_DTYPE", "ServerSimulationBackend", "describe_checkpoint", "execute_request", "rebuild_from_key",
          "server_model")
-_HELPERS = ("remote_check", "remote_check_cli", "remote_lens_topk", "remote_predict_action")
+_HELPERS = ("remote_check", "remote_lens_topk", "remote_predict_action")
 _ERRORS = ("RemoteAuthError", "RemoteExecutionError", "RemoteJobError", "RemoteModelError", "RemoteTimeoutError",
            "RemoteUnreachableError")
 

@@ -7,7 +7,6 @@ backend they route through is :mod:`nnsight_vla.remote.backend`.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -178,18 +177,3 @@ def _deployed_keys(settings: RemoteSettings) -> list[str]:
     deployments = response.json().get("deployments", {}) if response.headers.get("content-type", "").startswith(
         "application/json") else {}
     return sorted({value.get("model_key") or name for name, value in deployments.items() if isinstance(value, dict)})
-
-
-def remote_check_cli(
-    host: str | None = None,
-    family: str = "openvla",
-    source: str | None = None,
-    seed: int = 0,
-    run: bool = True,
-    simulate: bool = False,
-) -> int:
-    """Print :func:`remote_check`'s report as JSON; exit code 0 when it passed. Mountable as
-    ``nnsight-vla remote check [--host URL] [--family F] [--source PATH] [--simulate] [--no-run]``."""
-    report = remote_check(host, family=family, source=source, seed=seed, run=run, simulate=simulate)
-    print(json.dumps(report, indent=2))
-    return 0 if report["ok"] else 1

@@ -1,6 +1,6 @@
 """Bring a real NDIF stack up and down on ONE machine, loopback only, idempotently (tests, demos, a lab's first try).
 
-    python -m nnsight_vla.remote.stack up | status | down | install
+    nnsight-vla remote stack up | status | down | install
 
 Stdlib only (no Ray, no ndif imported). Redis, moto's S3, Ray with a declared GPU plus the NDIF controller, and
 ndif's API under gunicorn, each in its own session (``down`` ends exactly those). Every service listens on
@@ -18,13 +18,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from ..errors import StackError
+from ..files import pid_alive
 from .sockets import host_addresses, is_loopback, listening_sockets
 
 HOST = "127.0.0.1"
@@ -262,19 +262,6 @@ def _session_members(sid: int) -> list[int]:
     return members
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _stop_service(cfg: dict, name: str, grace: float = 15.0) -> None:
     pid_file = _run_dir(cfg) / f"{name}.pid"
     if not pid_file.exists():
@@ -289,7 +276,7 @@ def _stop_service(cfg: dict, name: str, grace: float = 15.0) -> None:
                 pass
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            members = [pid for pid in _session_members(sid) if _alive(pid)]
+            members = [pid for pid in _session_members(sid) if pid_alive(pid)]
             if not members:
                 break
             time.sleep(0.2)
@@ -359,7 +346,7 @@ def _wait(cfg: dict, name: str, ready, timeout: float) -> None:
     while time.monotonic() < deadline:
         if ready():
             return
-        if pid_file.exists() and not _alive(int(pid_file.read_text())):
+        if pid_file.exists() and not pid_alive(int(pid_file.read_text())):
             break
         time.sleep(0.25)
     tail = _log_path(cfg, name).read_text(errors="replace")[-3000:]
@@ -423,7 +410,7 @@ def status(cfg: dict | None = None) -> dict:
     for name in SERVICES:
         pid_file = _run_dir(cfg) / f"{name}.pid"
         pid = int(pid_file.read_text()) if pid_file.exists() else None
-        services[name] = {"pid": pid, "alive": bool(pid and _alive(pid))}
+        services[name] = {"pid": pid, "alive": bool(pid and pid_alive(pid))}
     return {
         "api_url": f"http://{HOST}:{p['api']}",
         "connected": _http(f"http://{HOST}:{p['api']}/connected") == 200,
@@ -502,39 +489,3 @@ def down(cfg: dict | None = None) -> None:
     cfg = cfg or _config()
     for name in reversed(SERVICES):
         _stop_service(cfg, name)
-
-
-ACTIONS = ("up", "down", "status", "install")
-
-
-def stack_cli(action: str = "status") -> int:
-    """``up`` / ``down`` / ``status`` / ``install`` the loopback NDIF stack, printing JSON; returns an exit code
-    (0: done, or for ``status``: the API answers). Mountable as ``nnsight-vla remote stack ACTION``."""
-    if action == "up":
-        try:
-            print(json.dumps(up(), indent=2))
-        except StackError as error:
-            print(f"ndif stack failed to start: {error}", file=sys.stderr)
-            down()
-            return 1
-        return 0
-    if action == "down":
-        down()
-        return 0
-    if action == "install":
-        install()
-        return 0
-    if action == "status":
-        state = status()
-        print(json.dumps(state, indent=2))
-        return 0 if state["connected"] else 1
-    print(f"unknown action {action!r}; use one of {', '.join(ACTIONS)}", file=sys.stderr)
-    return 2
-
-
-def main(argv: list[str]) -> int:
-    return stack_cli(argv[1] if len(argv) > 1 else "status")
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))
