@@ -232,7 +232,7 @@ def ablation_effect(vla, layers: Sequence[int], queries_a: Iterable[Any], querie
     action is read (``positions="last"``: the last prompt position and each decode step, position-aligned across
     prompts of different lengths) or at every position (``"all"``: a much harsher knock-out). A concept
     computed in those layers loses its gap (``removed`` near 1); one computed elsewhere keeps it (near 0)."""
-    from .steering import pinned_activations
+    from .edits import pinned_activations
 
     summaries = dict(DEFAULT_SUMMARIES if summaries is None else summaries)
     if summary not in summaries:

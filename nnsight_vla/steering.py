@@ -28,14 +28,7 @@ cached decode steps; pi0: the backbone's prefix pass and, for the expert stack, 
 prefill and every decode step); ``"prefill"`` only the first forward pass that reaches the stack (what the
 authors did for pi0-FAST; for pi0's expert stack it is the first denoising step).
 
-How :meth:`Steering.apply` works: it stores ONE nnsight edit on the model (``vla.edit(inplace=True)``) whose body
-overwrites the activations on every forward, and removes exactly that edit (never a user's own stored edits) when
-the block exits, also on an exception. A stored edit is replayed by nnsight on every call that goes through the
-interleaver -- ``vla.predict_action(...)`` called plainly, and any ``vla.predict_action``/``vla.trace`` block
-opened inside -- so nothing is re-traced per call. Calling the torch module directly (``vla._module(...)``, or an
-untraced helper such as OpenVLA's ``generate_action_tokens``) bypasses nnsight and is NOT steered. The edit loops
-over ``tracer.iter[:]`` and ends quietly when the run has no further forward (so it needs no forward count and
-works the same for 7 OpenVLA tokens, any number of denoising steps, or a decode that stops at EOS).
+How :meth:`Steering.apply` works (one stored nnsight edit, removed on exit): see :mod:`nnsight_vla.edits`.
 
 Controls for the paper's comparisons: :meth:`Steering.random_control` (same size and per-layer counts, via
 :func:`nnsight_vla.neurons.random_like`) and :func:`prompt_baseline` (the concept word added to the instruction).
@@ -48,13 +41,13 @@ import json
 import math
 import numbers
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
-from nnsight.intervention.interleaver import OutOfOrderError
 
+from .edits import (SCOPES, AppliedSteering, Op, StackPlan, check_vla, edit_in_trace, edit_step, forward_count,
+                    install, pinned_activations, write)
 from .errors import IndexOutOfRangeError, InputError
 from .neurons import STACKS, NeuronSet, layer_subset, random_like
 
@@ -63,7 +56,6 @@ MODES = ("overwrite", "add")
 #: uses 2-20; natural activations are O(1-30)) and low enough that the written residual stays finite even in
 #: float16 (max 65504). Beyond it every logit saturates and decoding returns garbage that looks like an action.
 MAX_ABS_ALPHA = 1e4
-SCOPES = ("every", "prefill")
 
 #: the prompt baseline's template: the concept word appended to the task instruction (as in
 #: ``nnsight_vla.rollout.conditions.prompt_baseline``), e.g. "pick up the black bowl fast".
@@ -208,77 +200,16 @@ def _is_index(value: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the edit itself
+# from steerings to edit plans
 
 
-@dataclass(frozen=True)
-class _Op:
-    """One write into a layer's activations: ``out[..., index] = value`` or ``+= value`` (at every position, or
-    at the last one only)."""
-
-    index: torch.Tensor
-    value: Any  # float, or a per-neuron tensor (add mode with per-neuron scales)
-    add: bool
-    last_only: bool = False
-
-
-def _write(out: torch.Tensor, ops: Sequence[_Op]) -> None:
-    for op in ops:
-        value = op.value
-        if isinstance(value, torch.Tensor):
-            value = value.to(device=out.device, dtype=out.dtype)
-        target = out[..., -1:, :] if op.last_only else out
-        if op.add:
-            target[..., op.index] += value
-        else:
-            target[..., op.index] = value
-
-
-def _steer_step(targets: Sequence[tuple[Any, Sequence[_Op]]]) -> None:
-    """Inside a worker: write every target of one forward pass, in execution (layer) order."""
-    for act, ops in targets:
-        _write(act.output, ops)
-
-
-def _store_edit(vla, first, rest, counter: list) -> None:
-    # The block below is captured by nnsight and stored on the model (not run here). On every later run it
-    # walks the forward passes (tracer.iter), writing the targets of each; when the run has no further forward,
-    # nnsight throws OutOfOrderError into the parked loop, which simply ends the edit (no warning, no error).
-    # Exactly one new edit is appended; apply() finds and removes it by identity.
-    with vla.edit(inplace=True) as tracer:
-        steps = tracer.iter[:] if rest else tracer.iter[:1]
-        try:
-            for step in steps:
-                _steer_step(first if step == 0 else rest)
-                counter[0] += 1
-        except OutOfOrderError:
-            pass
-
-
-@dataclass
-class _StackPlan:
-    """The merged writes of one stack: ``first`` for its first forward pass, ``rest`` for the later ones."""
-
-    stack: str
-    first: list = field(default_factory=list)
-    rest: list = field(default_factory=list)
-    neurons: list = field(default_factory=list)
-
-
-def _check_vla(vla: Any) -> None:
-    from .models.base import VLA
-
-    if not isinstance(vla, VLA):
-        raise InputError(f"steering needs an nnsight_vla model (nv.load / nv.tiny), got {type(vla).__name__}")
-
-
-def _plans(vla, steerings: Sequence["Steering"]) -> list[_StackPlan]:
+def _plans(vla, steerings: Sequence["Steering"]) -> list[StackPlan]:
     """Validate every steering against ``vla`` and merge their writes per stack, in execution order
     (stacks in the family's order, backbone first; layers ascending; one read per layer and step)."""
-    _check_vla(vla)
+    check_vla(vla)
     if not steerings:
         raise InputError("nothing to steer: the steering group is empty")
-    per_stack: dict[str, dict[str, dict[int, list[_Op]]]] = {}
+    per_stack: dict[str, dict[str, dict[int, list[Op]]]] = {}
     bound: dict[str, list[NeuronSet]] = {}
     for steer in steerings:
         neurons = steer.resolve(vla)
@@ -294,156 +225,25 @@ def _plans(vla, steerings: Sequence["Steering"]) -> list[_StackPlan]:
             continue
         layers = getattr(vla, stack.attr)
         slots = per_stack[stack.name]
-        plan = _StackPlan(stack.name, neurons=bound[stack.name])
+        plan = StackPlan(stack.name, neurons=bound[stack.name])
         plan.first = [(layers[layer].mlp.act, tuple(ops)) for layer, ops in sorted(slots["first"].items())]
         plan.rest = [(layers[layer].mlp.act, tuple(ops)) for layer, ops in sorted(slots["rest"].items())]
         plans.append(plan)
     return plans
 
 
-class AppliedSteering:
-    """What ``with steer.apply(vla) as applied:`` binds: the model, the neuron sets actually steered, and how
-    many forward passes of each stack have been steered so far (``applied.steered_forwards``)."""
-
-    def __init__(self, vla, plans: list[_StackPlan], counters: dict[str, list]):
-        self.vla = vla
-        self.neurons = [n for plan in plans for n in plan.neurons]
-        self._counters = counters
-
-    @property
-    def steered_forwards(self) -> dict[str, int]:
-        """{stack: number of forward passes steered since the block was entered}."""
-        return {stack: counter[0] for stack, counter in self._counters.items()}
-
-    def __repr__(self) -> str:
-        return f"AppliedSteering({self.neurons}, steered_forwards={self.steered_forwards})"
-
-
 def _applied(vla, steerings: Sequence["Steering"]) -> contextlib.AbstractContextManager[AppliedSteering]:
-    return _install(vla, _plans(vla, steerings))  # every check happens in _plans, before anything is installed
-
-
-def pinned_activations(vla, values: Mapping[int, Any], stack: str = "backbone", scope: str = "every",
-                       positions: str = "all") -> contextlib.AbstractContextManager[AppliedSteering]:
-    """Context manager: overwrite whole layers' activations with fixed vectors, ``mlp.act.output[..., :] =
-    values[layer]`` (a ``(d_mlp,)`` tensor, broadcast over positions; or a pair ``(first, rest)``: one vector for
-    the first forward, one for the later ones), on every forward (or the first, ``scope="prefill"``), at every
-    position or at the last one only (``positions="last"``: the prompt position that predicts the first action
-    token, then each decode step's). With zeros it knocks a layer's MLP out; with its mean on reference inputs
-    it is a mean ablation. Installed and removed like :meth:`Steering.apply`."""
-    _check_vla(vla)
-    if scope not in SCOPES:
-        raise InputError(f"unknown scope {scope!r}; use one of {SCOPES}")
-    if positions not in ("all", "last"):
-        raise InputError(f"positions must be 'all' or 'last', got {positions!r}")
-    num_layers, _, d_mlp = vla.stack_dims(stack)
-    modules = getattr(vla, vla.stack(stack).attr)
-    first, rest = [], []
-    for layer in sorted(values):
-        checked = vla.check_layer(layer, stack)
-        pair = values[layer] if isinstance(values[layer], (tuple, list)) else (values[layer], values[layer])
-        ops = []
-        for value in pair:
-            value = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
-            if value.numel() != d_mlp or not torch.isfinite(value).all():
-                raise InputError(f"layer {layer}: pinned activations must be {d_mlp} finite numbers")
-            ops.append(_Op(torch.arange(d_mlp), value, False, positions == "last"))
-        first.append((modules[checked].mlp.act, (ops[0],)))
-        rest.append((modules[checked].mlp.act, (ops[1],)))
-    if not first:
-        raise InputError("no layers to pin")
-    plan = _StackPlan(stack, first=first, rest=rest if scope == "every" else [])
-    return _install(vla, [plan])
-
-
-@contextlib.contextmanager
-def _install(vla, plans: list[_StackPlan]) -> Iterator[AppliedSteering]:
-    if vla.interleaver.interleaving:
-        raise InputError(
-            "steer.apply(vla) cannot be entered inside a trace of the same model; "
-            "call steer.edit(vla, tracer) or steer.edit_step(vla, step) there instead"
-        )
-    installed: list = []
-    counters: dict[str, list] = {}
-    try:
-        for plan in plans:
-            before = list(vla._edits)
-            counter = counters[plan.stack] = [0]
-            _store_edit(vla, plan.first, plan.rest, counter)
-            installed += [m for m in vla._edits if not any(m is b for b in before)]
-        yield AppliedSteering(vla, plans, counters)
-    finally:
-        # remove exactly our edits: a user's own stored edits (vla.edit(inplace=True)) stay
-        vla._edits = [m for m in vla._edits if not any(m is ours for ours in installed)]
+    return install(vla, _plans(vla, steerings))  # every check happens in _plans, before anything is installed
 
 
 def _edit_in_trace(vla, steerings: Sequence["Steering"], tracer: Any, steps: int | None) -> None:
-    plans = _plans(vla, steerings)
-    _check_in_trace(vla, "edit")
-    if steps is not None:
-        steps = int(steps)
-        if steps < 1:
-            raise InputError(f"steps must be a positive number of forward passes, got {steps}")
-    for position, plan in enumerate(plans):
-        if not plan.rest or _prefix_only(vla, plan.stack):
-            count = 1  # prefill scope, or a stack that only runs in the first forward (pi0's backbone)
-        else:
-            count = steps if steps is not None else forward_count(vla, plan.stack, tracer=tracer)
-        if count is None and position + 1 < len(plans):
-            raise InputError(
-                f"the number of forward passes of the {plan.stack} stack is unknown for this call; pass steps= "
-                "(a steering group spanning stacks walks them one after the other)"
-            )
-        for step in tracer.iter[:count]:
-            _steer_step(plan.first if step == 0 else plan.rest)
+    edit_in_trace(vla, _plans(vla, steerings), tracer, steps)
 
 
 def _edit_step(vla, steerings: Sequence["Steering"], step: int) -> None:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise InputError(f"edit_step needs the loop's step index (an int >= 0), got {step!r}")
-    plans = _plans(vla, steerings)
-    _check_in_trace(vla, "edit_step")
-    for plan in plans:
-        if step == 0:
-            _steer_step(plan.first)
-        elif not _prefix_only(vla, plan.stack):  # asking a prefix-only stack for step 1 would stall the loop
-            _steer_step(plan.rest)
-
-
-def _check_in_trace(vla, what: str) -> None:
-    if not vla.interleaver.interleaving:
-        raise InputError(
-            f"steer.{what}(vla, ...) must be called inside a trace of vla "
-            "(with vla.predict_action(...) as tracer: ...); outside traces use `with steer.apply(vla):`"
-        )
-
-
-def forward_count(vla, stack: str = "backbone", tracer: Any = None, **predict_kwargs: Any) -> int | None:
-    """How many forward passes reach ``stack``'s layers in one ``predict_action`` call (None when unknown).
-
-    Asks the family: ``vla.stack_forwards(stack, **predict_kwargs)`` (the forwards a stack runs in, e.g. pi0's
-    backbone ``[0]``; OpenVLA: one per action token, i.e. 7). With ``tracer`` (a trace of ``vla.predict_action``),
-    the call's own keyword arguments are used; a trace of any other function gives None.
-    """
-    if tracer is not None:
-        fn = getattr(tracer, "fn", None)
-        if getattr(fn, "__name__", None) != "predict_action":
-            return None
-        predict_kwargs = {**dict(getattr(tracer, "kwargs", None) or {}), **predict_kwargs}
-    for name in ("images", "instruction", "state"):
-        predict_kwargs.pop(name, None)
-    try:
-        return len(vla.stack_forwards(stack, **predict_kwargs))
-    except (InputError, NotImplementedError):
-        return None  # predict_action itself will report a bad argument
-
-
-def _prefix_only(vla, stack: str) -> bool:
-    """Whether a stack runs in the first forward of a call only (pi0's backbone: the prefix, then cached)."""
-    try:
-        return list(vla.stack_forwards(stack)) == [0]
-    except NotImplementedError:
-        return False
+    edit_step(vla, _plans(vla, steerings), step)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -595,7 +395,7 @@ class Steering:
     def _layers_label(self) -> str:
         return self.layers if isinstance(self.layers, str) else ",".join(map(str, self.layers))
 
-    def _ops(self, neurons: NeuronSet) -> dict[int, list[_Op]]:
+    def _ops(self, neurons: NeuronSet) -> dict[int, list[Op]]:
         add = self.mode == "add"
         ops = {}
         for layer, indices in neurons.by_layer().items():
@@ -604,7 +404,7 @@ class Steering:
                 value: Any = torch.tensor([self.alpha * self.scale[(layer, i)] for i in indices], dtype=torch.float32)
             else:
                 value = self.raw_alpha(layer)
-            ops[layer] = [_Op(index, value, add)]
+            ops[layer] = [Op(index, value, add)]
         return ops
 
     # -- (a) plain inference, (b) inside a trace, (c) TransformerLens ----------------------------------------
@@ -802,7 +602,7 @@ def _stack_dims(model: Any, neurons: NeuronSet) -> tuple[int, int, int]:
 
 
 def _tl_hooks(steerings: Sequence[Steering], model: Any) -> list[tuple[str, Callable]]:
-    per_layer: dict[int, list[_Op]] = {}
+    per_layer: dict[int, list[Op]] = {}
     for steer in steerings:
         neurons = steer.resolve(model)  # checks the set against the model first
         if steer.stack != "backbone":
@@ -813,9 +613,9 @@ def _tl_hooks(steerings: Sequence[Steering], model: Any) -> list[tuple[str, Call
         for layer, ops in steer._ops(neurons).items():
             per_layer.setdefault(layer, []).extend(ops)
 
-    def make(ops: list[_Op]) -> Callable:
+    def make(ops: list[Op]) -> Callable:
         def hook(activation: torch.Tensor, hook: Any = None) -> torch.Tensor:
-            _write(activation, ops)
+            write(activation, ops)
             return activation
 
         return hook
