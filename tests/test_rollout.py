@@ -555,6 +555,11 @@ def test_sweep_refuses_bad_input_before_creating_anything(tmp_path):
 
     with pytest.raises(InputError, match="not a VLA policy"):
         run_sweep(LineEnv(), object(), [C.baseline()], tmp_path / "a", progress=False)
+    broken = SpeedPolicy()
+    broken.action_horizon = 0  # was silently read as 1
+    with pytest.raises(InputError, match="action_horizon must be a positive"):
+        run_sweep(LineEnv(), broken, [C.baseline()], tmp_path / "a", progress=False)
+    assert not (tmp_path / "a").exists()
     with pytest.raises(InputError, match="workers must be"):
         Processes(0)
     with pytest.raises(InputError, match="no episodes"):

@@ -57,13 +57,16 @@ def policy_surface(policy: Any) -> PolicySurface:
             "camera_names, state_dim, action_dim, action_horizon and predict_action(images, instruction, state))"
         )
     horizon = getattr(policy, "action_horizon", 1)
+    if horizon is not None and (isinstance(horizon, bool) or int(horizon) < 1):
+        raise InputError(f"{type(policy).__name__}.action_horizon must be a positive number of actions per call "
+                         f"(or None when it varies), got {horizon!r}")
     state_dim = getattr(policy, "state_dim", None)
     image_size = getattr(policy, "image_size", None) or getattr(getattr(policy, "image_processor", None),
                                                                  "image_size", None)
     return PolicySurface(
         family=str(policy.family), camera_names=tuple(policy.camera_names),
         state_dim=None if state_dim is None else int(state_dim), action_dim=int(policy.action_dim),
-        action_horizon=None if horizon is None else max(1, int(horizon)),
+        action_horizon=None if horizon is None else int(horizon),
         image_size=tuple(image_size) if isinstance(image_size, (list, tuple)) else image_size,
         norm_keys=_norm_keys(policy),
     )
