@@ -30,8 +30,11 @@ NEURONS, LAYER, ALPHA = [3, 7, 11], 0, 4.0  # layer 0: pi0's expert never sees t
 
 @pytest.fixture(scope="module")
 def models(tiny_openvla):
-    logging.getLogger("nnsight_vla.models.pi0_fast").setLevel(logging.ERROR)  # random tiny models do not decode
-    return {"openvla": tiny_openvla, "pi0": nv.tiny("pi0", seed=0), "pi0-fast": nv.tiny("pi0-fast", seed=0)}
+    logger = logging.getLogger("nnsight_vla.models.pi0_fast")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # random tiny models do not decode; restored after this module's tests
+    yield {"openvla": tiny_openvla, "pi0": nv.tiny("pi0", seed=0), "pi0-fast": nv.tiny("pi0-fast", seed=0)}
+    logger.setLevel(level)
 
 
 @pytest.fixture(scope="module")

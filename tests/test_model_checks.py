@@ -26,8 +26,11 @@ INSTRUCTION = "pick up the black bowl"
 
 @pytest.fixture(scope="module")
 def models(tiny_openvla):
-    logging.getLogger("nnsight_vla.models.pi0_fast").setLevel(logging.ERROR)  # random tiny models do not decode
-    return {"openvla": tiny_openvla, "pi0": nv.tiny("pi0", seed=0), "pi0-fast": nv.tiny("pi0-fast", seed=0)}
+    logger = logging.getLogger("nnsight_vla.models.pi0_fast")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # random tiny models do not decode; restored after this module's tests
+    yield {"openvla": tiny_openvla, "pi0": nv.tiny("pi0", seed=0), "pi0-fast": nv.tiny("pi0-fast", seed=0)}
+    logger.setLevel(level)
 
 
 def predict(vla, images, instruction=INSTRUCTION, **kwargs):

@@ -195,7 +195,7 @@ def test_undecodable_sequences_fall_back(vla, case, caplog):
         ids = plan[: marker + 3] + plan[-2:]  # too few coefficients
     else:
         ids = plan[: marker + 2] + [1050] + plan[marker + 2:]  # an embedding padding row, beyond the tokenizer
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger="nnsight_vla.models"):
         decoded = vla.extract_actions(ids)
     assert not decoded.valid and decoded.error
     np.testing.assert_array_equal(decoded.actions, np.zeros((8, 7)))
@@ -205,7 +205,7 @@ def test_undecodable_sequences_fall_back(vla, case, caplog):
 
 
 def test_random_model_output_gives_the_logged_fallback(vla, cams, caplog):
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger="nnsight_vla.models"):
         actions = vla.predict_action(cams, INSTRUCTION, STATE)
     assert not vla.last_decode.valid
     q01 = np.array(vla.norm_stats["actions"]["q01"])

@@ -4,6 +4,7 @@ method end to end (lens -> find_concept -> steering -> behaviour) on a model who
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -47,7 +48,7 @@ def test_shipped_weights_load_through_the_real_loader(trained):
             loaded = vla._module.get_parameter(name)
             assert loaded.dtype == torch.float32
             assert torch.equal(loaded, raw[name].float()), name
-        assert vla.num_layers == 6 and vla.d_model == 128 and vla.d_mlp == 384
+        assert vla.num_layers == 8 and vla.d_model == 128 and vla.d_mlp == 512
         assert vla.config.token_vocab_size == 1024
     # the fine-tuned model carries OpenVLA's action statistics under one key; fine-tuning changed the weights
     assert list(trained.config.norm_stats) == ["arm_scene"]
@@ -55,7 +56,7 @@ def test_shipped_weights_load_through_the_real_loader(trained):
     assert len(stats["q01"]) == 7 and stats["mask"][-1] is False
     assert not torch.equal(trained.unembedding(), base.unembedding())
     size = sum(p.stat().st_size for w in ("finetuned", "base") for p in shipped_path(w).iterdir())
-    assert size < 20e6
+    assert size < 30e6  # both checkpoints ship in the wheel (8 layers x 512 MLP, fp32 weights)
 
 
 def test_concept_words_are_single_tokens(trained):
@@ -107,38 +108,51 @@ def test_scripted_expert_behaviour_matches_the_words():
 
 
 def test_trained_policy_follows_instruction_words(trained, scene):
-    """The policy itself learned the words: on the same first frame, 'fast' asks for a larger step than
-    'slow' and 'high' for a larger upward step than 'low' (actions decoded by the real predict_action)."""
-    frame = scene.reset(1000)["image"]
-    act = {w: trained.predict_action(frame, f"move the arm to the green block {w}", restrict_to_action_tokens=True)
-           for w in ("fast", "slowly", "up high", "low")}
-    assert np.linalg.norm(act["fast"][:3]) > np.linalg.norm(act["slowly"][:3])
-    assert act["up high"][2] > act["low"][2]
+    """The policy itself learned the words (its demonstrations' idioms) and generalises to single adverbs it
+    never acted on: on the same first frames, "fast" asks for a larger step than "slow" and "high" for a larger
+    upward step than "low" (actions decoded by the real predict_action)."""
+    from nnsight_vla.training.corpus import CANONICAL
+
+    frames = [scene.reset(1000 + i)["image"] for i in range(2)]
+
+    def act(word):
+        return np.stack([trained.predict_action(f, f"move the arm to the green block {word}",
+                                                restrict_to_action_tokens=True) for f in frames])
+
+    for fast, slow, high, low in ((CANONICAL["fast"], CANONICAL["slow"], CANONICAL["high"], CANONICAL["low"]),
+                                  ("rapidly", "gently", "high", "low")):
+        a = {w: act(w) for w in (fast, slow, high, low)}
+        assert np.linalg.norm(a[fast][:, :3], axis=1).mean() > np.linalg.norm(a[slow][:, :3], axis=1).mean()
+        assert a[high][:, 2].mean() > a[low][:, 2].mean()
 
 
-def test_discovered_fast_set_moves_faster_than_slow_set(trained, scene, tmp_path):
-    """The method end to end on a few quick rollouts: neurons found automatically for "fast" and "slow"
-    (kNN over the value-vector lens), steered on a NEUTRAL instruction, change the measured per-step
-    displacement in the predicted direction."""
-    from nnsight_vla.concepts import find_opposites
+def test_discovered_fast_set_moves_faster_than_slow_set(trained, scene):
+    """The method end to end on a few quick rollouts, with the pre-registered discovery and alpha (no neuron is
+    chosen by hand): neurons found automatically for "fast" and "slow" (lexicon kNN over the value-vector lens,
+    opposites filter), steered at 4 x p99 on a NEUTRAL instruction, change the measured per-step displacement in
+    the predicted direction."""
     from nnsight_vla.envs.arm_scene import ArmRolloutConfig, run_episode
-    from nnsight_vla.rollout.conditions import steered
     from nnsight_vla.lens import ValueVectorLens
+    from nnsight_vla.rollout.conditions import steered
+    from nnsight_vla.scale import measure_activation_scale
     from nnsight_vla.steering import Steering
-    from nnsight_vla.training.experiment import ExperimentConfig
     from nnsight_vla.training.corpus import TASK_BASES
+    from nnsight_vla.training.experiment import ExperimentConfig, discover
+    from nnsight_vla.training.gates import expert_frames, queries
 
-    config = ExperimentConfig()
-    lens = ValueVectorLens(trained, k=10, cache_dir=False, progress=False)
-    fast, slow = find_opposites(lens, ("fast", "slow"), size=config.size, k_neighbors=config.k_neighbors)
+    config = ExperimentConfig(layer_subsets=())
+    lens = ValueVectorLens(trained, k=config.lens_k, cache_dir=False, progress=False)
+    sets = discover(lens, config)["all"]
     # the discovered vectors promote speed words (a sanity check of the lens + clustering)
-    tops = {t.strip("▁") for l, n in fast.pairs for t in lens.vector_tokens(l, n, k=5)}
+    tops = {t.strip("▁") for l, n in sets["fast"].pairs for t in lens.vector_tokens(l, n, k=5)}
     assert tops & (FAST_WORDS | SLOW_WORDS)
+    scale = measure_activation_scale(trained, queries(expert_frames(config.gate_frames[:2])),
+                                     percentile=config.percentile, restrict_to_action_tokens=True)
     rollout = ArmRolloutConfig(instructions=TASK_BASES, trials=3, max_steps=12,
                                image_size=int(trained.image_processor.image_size[0]))
     disp = {}
-    for name, nset in (("fast", fast), ("slow", slow)):
-        cond = steered(name, Steering(nset, alpha=config.alpha), alpha=config.alpha, layers="all")
+    for name in ("fast", "slow"):
+        cond = steered(name, Steering(sets[name], config.alpha, scale=scale), alpha=config.alpha, layers="all")
         disp[name] = [run_episode(trained, scene, cond, trial, rollout).summary["mean_disp"] for trial in range(3)]
     assert np.mean(disp["fast"]) > np.mean(disp["slow"]), disp
 
@@ -156,16 +170,18 @@ def test_training_is_reproducible(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_experiment(tmp_path):
-    """The whole experiment (all conditions, 20 episodes each) writes its tables and plots; the criteria are
-    computed (their outcome is a measurement, reported in results.json, not asserted here) and the key
-    fast-vs-slow effect has the predicted sign."""
-    from nnsight_vla.training.experiment import ExperimentConfig, run_experiment
+def test_quick_experiment_writes_its_report(tmp_path):
+    """The pre-registered experiment's pipeline on a small configuration: every criterion is computed for every
+    concept (their outcome is a measurement reported in results.json, not asserted here) and the report is
+    written."""
+    from nnsight_vla.training.experiment import CONCEPTS, ExperimentConfig, run_experiment
 
-    results = run_experiment(tmp_path / "exp", ExperimentConfig(), progress=False)
-    for name in ("results.json", "results.csv", "RESULTS.md", "plots/key_effects.png"):
+    results = run_experiment(tmp_path / "exp", ExperimentConfig.quick(), progress=False)
+    for name in ("results.json", "RESULTS.md", "gates.json", "activation_scale.json"):
         assert (tmp_path / "exp" / name).is_file(), name
     data = json.loads((tmp_path / "exp" / "results.json").read_text())
-    assert {"fast_vs_slow", "high_vs_low", "random_controls_null"} <= set(data["criteria"])
-    assert all(r["episodes"] == 20 for r in data["rows"])
-    assert results["tests"]["fast_vs_slow"]["diff"] > 0
+    assert set(data["analysis"]["criteria"]) == set(CONCEPTS)
+    for concept in CONCEPTS:
+        v = data["analysis"]["concepts"][concept]
+        assert len(v["random_pct"]) == 2 and math.isfinite(v["pct"])
+    assert results["episodes"]["main"]["total"] == 3 * (1 + 4 + 4)

@@ -45,8 +45,9 @@ import nnsight_vla as nv
 from nnsight_vla.reports import plots
 from nnsight_vla.concepts import find_opposites, random_control
 from nnsight_vla.envs import libero as L
-from nnsight_vla.envs.conditions import sweep_grid
-from nnsight_vla.envs.episodes import ResultsStore, compare_conditions, format_rows, success_rates
+from nnsight_vla.rollout.conditions import sweep_grid
+from nnsight_vla.rollout.stats import compare_conditions, format_rows, success_rates
+from nnsight_vla.rollout.store import ResultsStore
 from nnsight_vla.lens import ValueVectorLens
 
 START = time.perf_counter()
