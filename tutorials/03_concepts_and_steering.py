@@ -73,16 +73,29 @@ lens = ValueVectorLens(vla, k=10, cache_dir=OUT / "lens_cache", progress=False)
 # ## Step 2: a concept's neurons, automatically
 #
 # **kNN (the paper's method).** Each value vector is embedded as the softmax(logit)-weighted mean of the input
-# embeddings of its top-5 lens tokens; the concept word is embedded as its own input embedding; the `k_neighbors`
-# vectors nearest the concept (cosine) form its neighbourhood, and the `size` most central members of it are the
-# concept's cluster. **Keyword** (what the paper's robot experiments used): vectors ranked by how many of their
-# top-k tokens are the word or a synonym.
+# embeddings of its top-5 lens tokens; the concept is embedded as the mean of its **lexicon**'s input embeddings
+# (the word and its synonyms: `anchor="lexicon"`, the default; the paper's `anchor="word"` uses the word alone, and
+# one word is a poor anchor, since antonyms share contexts); vectors whose top tokens contain an *opposite* word are
+# dropped first; the `k_neighbors` vectors nearest the concept (cosine) form its neighbourhood, and the `size` most
+# central members of it are the concept's cluster. **Keyword** (what the paper's robot experiments used): vectors
+# ranked by how many of their top-k tokens are the word or a synonym.
 
 # %%
 fast_knn = find_concept(lens, "fast", size=10, method="knn", k_neighbors=20)
 print(fast_knn)
 for info in fast_knn.meta["scores"][:6]:
     print(f"  L{info['layer']} N{info['neuron']:>3}  cos {info['cosine']:+.3f}  {info['tokens']}")
+fast_word = find_concept(lens, "fast", size=10, anchor="word", opposite=None)  # the paper's single-word anchor
+slow_words = {"slow", "slowly", "carefully", "gently", "steadily"}
+
+
+def promoting_slow(neurons):
+    """How many vectors of a set have a slow word among their top-5 tokens."""
+    return sum(any(t.strip("▁") in slow_words for t in lens.vector_tokens(l, n, k=5)) for l, n in neurons.pairs)
+
+
+print(f"'fast' vectors that promote a SLOW word: single-word anchor {promoting_slow(fast_word)} of "
+      f"{len(fast_word)}; lexicon anchor + opposites filter {promoting_slow(fast_knn)} of {len(fast_knn)}")
 fast_kw = find_concept(lens, "fast", size=10, method="keyword")
 print(fast_kw, "| shared with kNN:", len(set(fast_kw.pairs) & set(fast_knn.pairs)))
 for info in fast_kw.meta["scores"][:3]:
@@ -113,158 +126,116 @@ path = sets["fast", "all"].save(OUT / "fast.json")
 assert NeuronSet.load(path).pairs == sets["fast", "all"].pairs
 
 # %% [markdown]
-# ## Step 3: steering, open loop
+# ## Step 3: steering, with α in the model's own units
 #
-# `Steering(neurons, alpha, layers=...)` overwrites the neurons' activations with α at every position of every
-# forward pass of `predict_action` (tutorial 1 shows this is exactly a PyTorch hook). First the effect on the
-# *actions* for a fixed set of observations: the arm scene, reset to 8 seeds, with the 8 neutral task
-# instructions. Two numbers per action (OSC_POSE units, 1.0 = 5 cm per step): **speed** = |(dx, dy, dz)| and
-# **height** = dz (positive = up). `restrict_to_action_tokens=True` picks the best *action* token: steering a word
-# concept can make the model prefer the word itself, which OpenVLA's published decoding would turn into an extreme
-# bin and a fake motion.
+# `Steering(neurons, alpha)` overwrites the neurons' activations with α at every position of every forward pass of
+# `predict_action` (tutorial 1 shows this is exactly a PyTorch hook). **What α means** is the first question: the
+# paper's α = 10 is a raw number, large or small depending on the model's activation scale. We measure that scale:
+# each layer's 99th percentile of |activation| on neutral inputs (the states the policy visits, neutral
+# instructions), and give α in those units: `Steering(neurons, 4, scale=scale)` writes 4 × p99 of each layer.
 
 # %%
-from nnsight_vla.envs.arm_scene import scene as arm_scene
-from nnsight_vla.training.corpus import TASK_BASES
+from nnsight_vla.activations import grid
+from nnsight_vla.causal import ablation_effect, action_effect, neuron_response
+from nnsight_vla.scale import measure_activation_scale
+from nnsight_vla.training.corpus import CANONICAL, TASK_BASES
+from nnsight_vla.training.gates import expert_frames
 
 image_size = int(vla.image_processor.image_size[0])
-scene = arm_scene(image_size)
-observations = [(scene.reset(1000 + k)["image"], TASK_BASES[k % len(TASK_BASES)]) for k in range(8)]
-print("observations:", len(observations), observations[0][0].shape, "e.g.", repr(observations[0][1]))
-
-
-def actions(steering=None, word=None):
-    """(n, 7) actions for the observations, optionally steered or with a word appended to the instruction."""
-    out = []
-    for image, instruction in observations:
-        text = f"{instruction} {word}" if word else instruction
-        if steering is None:
-            out.append(vla.predict_action(image, text, restrict_to_action_tokens=True))
-        else:
-            with steering.apply(vla):
-                out.append(vla.predict_action(image, text, restrict_to_action_tokens=True))
-    return np.asarray(out)
-
-
-def speed_height(a):
-    return float(np.linalg.norm(a[:, :3], axis=1).mean()), float(a[:, 2].mean())
-
+frames = expert_frames((3000, 3001), image_size=image_size)  # development scenes, along the expert's path
+neutral = grid(frames, TASK_BASES[:3])
+scale = measure_activation_scale(vla, neutral, restrict_to_action_tokens=True)
+print("p99 |activation| per layer:", [round(v, 2) for v in scale.values])
+ALPHA = 4.0  # x p99: the experiment's pre-registered value (docs/trained_vla/PREREGISTRATION.md)
+steer = {c: Steering(sets[c, "all"], ALPHA, scale=scale, name=c) for c in ("fast", "slow", "high", "low")}
+print(steer["fast"], "-> raw values per layer:", {l: round(steer["fast"].raw_alpha(l), 2)
+                                                  for l in sets["fast", "all"].layers})
 
 # %% [markdown]
-# **How large is α?** Overwriting means "pretend these neurons fired this strongly", so compare α with the
-# activations the model produces by itself. Read them with nnsight: the concept neurons' largest activation at the
-# last prompt position (where the first action token is predicted) for the neutral instructions and for the same
-# instructions with the concept word appended, next to the 99th percentile of all activations there.
+# ## Three causal checks on single actions
+#
+# Before any rollout: (1) does the **model** use the word — the gap in its first action between "… quickly" and
+# "… slowly", and how much of it disappears when late MLP layers are mean-ablated; (2) do the **neurons** respond
+# to their word (activation at the position that predicts the first action token, concept vs opposite phrasing);
+# (3) does **steering** them shift the action beyond random sets of the same shape (`action_effect`, with random
+# controls: same size per layer, same α and unit). `restrict_to_action_tokens=True` picks the best *action* token:
+# steering a word concept can make the model prefer the word itself.
 
 # %%
-def last_position_activations(word=None):
-    """Per observation, every layer's ``mlp.act`` at the last prompt position: (observations, layers, d_mlp)."""
-    out = []
-    for image, instruction in observations[:4]:
-        acts = []  # created outside the block, appended to inside it
-        with vla.predict_action(image, f"{instruction} {word}" if word else instruction,
-                                restrict_to_action_tokens=True):
-            for layer in range(vla.num_layers):
-                acts.append(vla.layers[layer].mlp.act.output.save())  # forward 0: the prompt
-        out.append(torch.stack([a[0, -1] for a in acts]))
-    return torch.stack(out)
-
-
-neutral = last_position_activations()
-print(f"99th percentile of |activation| over all neurons: {float(torch.quantile(neutral.abs(), 0.99)):.2f}")
-for concept in ("fast", "slow", "high", "low"):
-    rows, cols = zip(*sets[concept, "all"].pairs)
-    with_word = last_position_activations(concept)
-    largest = float(neutral[:, rows, cols].max(1).values.mean())
-    print(f"{concept:5s} neurons, largest activation: neutral {largest:6.2f}, "
-          f"with '{concept}' in the instruction {float(with_word[:, rows, cols].max(1).values.mean()):6.2f}")
-ALPHA = 10.0  # the paper's robot experiments; its simulation sweep goes from 2 to 20
-print(f"α = {ALPHA:g}")
+KW = {"restrict_to_action_tokens": True}
+late = list(range(vla.num_layers // 2, vla.num_layers))
+fast_q = grid(frames, [f"{b} {CANONICAL['fast']}" for b in TASK_BASES[:3]])
+slow_q = grid(frames, [f"{b} {CANONICAL['slow']}" for b in TASK_BASES[:3]])
+ablation = ablation_effect(vla, late, fast_q, slow_q, reference=neutral, summary="speed", **KW)
+print(f"(1) speed gap quickly - slowly: {ablation.gap:+.3f}; with layers {late} mean-ablated: "
+      f"{ablation.gap_ablated:+.3f} ({100 * ablation.removed:.0f}% removed)")
+response = neuron_response(vla, sets["fast", "all"], fast_q, slow_q, **KW)
+print(f"(2) 'fast' neurons more active on 'quickly' than on 'slowly' (p < 0.05): "
+      f"{int(response.responding().sum())} of {len(response.neurons)}")
+effects = {}
+for concept, summary in (("fast", "speed"), ("slow", "speed"), ("high", "dz"), ("low", "dz")):
+    effects[concept] = e = action_effect(vla, steer[concept], neutral, n_random=4, **KW)
+    print(f"(3) {concept:5s} Δ{summary} {e.delta[summary]:+.3f} ({100 * e.relative[summary]:+.0f}%); random sets "
+          f"{[round(v, 3) for v in e.random[summary]]}; beyond every random set: {e.beyond_random(summary)}")
 
 # %% [markdown]
-# Now every condition on the same observations: each concept steered in all / early / late layers (with the set
-# found *within* those layers), its random control, and its prompt baseline.
+# **The α sweep** (relative units): effect against strength for the speed concepts, next to their random controls.
 
 # %%
-results = {"baseline": speed_height(actions())}
-for concept in ("fast", "slow", "high", "low"):
-    for layers in ("all", "early", "late"):
-        results[f"{concept}@{layers}"] = speed_height(actions(Steering(sets[concept, layers], ALPHA, layers=layers)))
-    results[f"random[{concept}]"] = speed_height(actions(Steering(controls[concept], ALPHA)))
-    results[f"prompt:{concept}"] = speed_height(actions(word=concept))
-base_speed, base_height = results["baseline"]
-print(f"{'condition':14s} {'speed':>7s} {'Δ%':>7s} {'height':>8s} {'Δ':>8s}")
-for name, (speed, height) in results.items():
-    change = 100 * (speed / base_speed - 1)
-    print(f"{name:14s} {speed:7.3f} {change:+6.0f}% {height:+8.3f} {height - base_height:+8.3f}")
-
-# %% [markdown]
-# **The α sweep**: steering strength against effect, for both speed concepts and their random controls.
-
-# %%
-ALPHAS = (2.0, 4.0, 6.0, 10.0, 20.0)  # the paper's sweep
+ALPHAS = (1.0, 2.0, 4.0, 8.0)
 sweep = {name: [] for name in ("fast", "slow", "random[fast]", "random[slow]")}
 for alpha in ALPHAS:
     for concept in ("fast", "slow"):
-        sweep[concept].append(speed_height(actions(Steering(sets[concept, "all"], alpha)))[0])
-        sweep[f"random[{concept}]"].append(speed_height(actions(Steering(controls[concept], alpha)))[0])
+        s = Steering(sets[concept, "all"], alpha, scale=scale)
+        e = action_effect(vla, s, neutral, n_random=1, **KW)
+        sweep[concept].append(e.delta["speed"])
+        sweep[f"random[{concept}]"].append(e.random["speed"][0])
 for name, values in sweep.items():
-    print(f"{name:13s} speed at α={[f'{a:g}' for a in ALPHAS]}: {np.round(values, 3).tolist()}")
+    print(f"{name:13s} Δspeed at α={[f'{a:g}' for a in ALPHAS]} x p99: {np.round(values, 3).tolist()}")
 
 
 def first_logits(steering=None):
-    """lm_head output of the first forward for the first observation (steered inside ``steering.apply``)."""
-    image, instruction = observations[0]
+    """lm_head output of the first forward for the first query (steered inside ``steering.apply``)."""
+    query = neutral[0]
     logits = []
     with steering.apply(vla) if steering is not None else contextlib.nullcontext():
-        with vla.predict_action(image, instruction, restrict_to_action_tokens=True):
+        with vla.predict_action(query.images, query.instruction, **KW):
             logits.append(vla.lm_head.output.save())
     return logits[0]
 
 
 # whatever the behaviour, steering must reach the model's output
-assert not torch.allclose(first_logits(Steering(sets["fast", "all"], ALPHA)), first_logits())
+assert not torch.allclose(first_logits(steer["fast"]), first_logits())
 
 # %%
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-fig = Figure(figsize=(12, 3.6), layout="constrained")
+CONCEPTS = ("fast", "slow", "high", "low")
+fig = Figure(figsize=(9, 3.6), layout="constrained")
 FigureCanvasAgg(fig)
-ax1, ax2, ax3 = fig.subplots(1, 3)
+ax1, ax2 = fig.subplots(1, 2)
 for name, values in sweep.items():
     ax1.plot(ALPHAS, values, "o--" if name.startswith("random") else "o-", label=name)
-ax1.axhline(base_speed, color="k", ls=":", label="baseline")
-ax1.set(xscale="log", xlabel="α (activation written)", ylabel="mean speed |a_xyz|", title="α sweep: speed")
+ax1.axhline(0, color="k", ls=":")
+ax1.set(xscale="log", xlabel="α (× each layer's p99 |activation|)", ylabel="Δ speed of the first action",
+        title="α sweep")
 ax1.set_xticks(ALPHAS, [f"{a:g}" for a in ALPHAS])
 ax1.minorticks_off()
 ax1.legend(fontsize=7)
-CONCEPTS = ("fast", "slow", "high", "low")
-
-
-def effect(name, concept):
-    """The concept's own metric vs baseline: Δ speed for fast/slow, Δ height for high/low."""
-    speed, height = results[name]
-    return height - base_height if concept in ("high", "low") else speed - base_speed
-
-
 x = np.arange(4)
-labels = ["fast\n(Δ speed)", "slow\n(Δ speed)", "high\n(Δ height)", "low\n(Δ height)"]
-for j, layers in enumerate(("early", "late", "all")):
-    ax2.bar(x + (j - 1) * 0.27, [effect(f"{c}@{layers}", c) for c in CONCEPTS], 0.27, label=layers)
-ax2.set_xticks(x, labels)
-ax2.set(ylabel="change vs baseline", title=f"layer subsets (α={ALPHA:g})")
+summary = {"fast": "speed", "slow": "speed", "high": "dz", "low": "dz"}
+ax2.bar(x - 0.2, [100 * effects[c].relative[summary[c]] for c in CONCEPTS], 0.4, label="steered")
+for i, c in enumerate(CONCEPTS):
+    base = abs(effects[c].baseline[summary[c]]) or 1.0
+    ax2.plot([i + 0.2] * len(effects[c].random[summary[c]]),
+             [100 * v / base for v in effects[c].random[summary[c]]], "k.", label="random sets" if i == 0 else None)
+ax2.set_xticks(x, ["fast\n(speed)", "slow\n(speed)", "high\n(dz)", "low\n(dz)"])
+ax2.set(ylabel="% change vs unsteered", title=f"single-step effect (α = {ALPHA:g} × p99)")
 ax2.axhline(0, color="k", lw=0.6)
 ax2.legend(fontsize=7)
-for j, (pattern, label) in enumerate((("{}@all", "steered"), ("random[{}]", "random control"),
-                                      ("prompt:{}", "prompt baseline"))):
-    ax3.bar(x + (j - 1) * 0.27, [effect(pattern.format(c), c) for c in CONCEPTS], 0.27, label=label)
-ax3.set_xticks(x, labels)
-ax3.set(title=f"steered vs controls (α={ALPHA:g})")
-ax3.axhline(0, color="k", lw=0.6)
-ax3.legend(fontsize=7)
-fig.savefig(OUT / "steering_open_loop.png", dpi=110)
-print("wrote", OUT / "steering_open_loop.png")
+fig.savefig(OUT / "steering_single_step.png", dpi=110)
+print("wrote", OUT / "steering_single_step.png")
 
 # %% [markdown]
 # ## Closed loop in the arm scene
@@ -278,16 +249,15 @@ print("wrote", OUT / "steering_open_loop.png")
 from nnsight_vla.envs.arm_scene import ArmRolloutConfig, ArmSceneEnv
 from nnsight_vla.rollout.sweep import run_sweep
 
-conditions = [baseline()] + [
-    steered(c, Steering(sets[c, "all"], ALPHA), alpha=ALPHA, layers="all") for c in ("fast", "slow", "high", "low")
-] + [steered("random[fast]", Steering(controls["fast"], ALPHA), alpha=ALPHA, layers="all", kind="control"),
-     prompt_baseline("fast")]
+conditions = [baseline()] + [steered(c, steer[c], alpha=ALPHA, layers="all") for c in CONCEPTS] + [
+    steered("fast", steer["fast"].random_control(0, vla), alpha=ALPHA, layers="all", kind="control",
+            name="random[fast]"),
+    prompt_baseline("fast")]
 config = ArmRolloutConfig(instructions=TASK_BASES, trials=2, max_steps=20, image_size=image_size)
 t0 = time.perf_counter()
 report = run_sweep(ArmSceneEnv(config), vla, conditions, OUT / "rollouts", progress=False)
 print(f"{report.completed} episodes in {time.perf_counter() - t0:.1f} s")
 store = ResultsStore.open(OUT / "rollouts")
-
 rows = compare_conditions(store, "disp", level="step", per_task=False)
 print("end-effector displacement per step (m), vs baseline:")
 print(format_rows(rows, ["condition", "n", "mean", "pct_change", "p_value"]))
@@ -300,22 +270,18 @@ for figure in plots.plot_all(store, OUT / "plots"):
 
 # %% [markdown]
 # How to read these numbers: a concept's neurons *cause* its behaviour when steering them moves the arm the way the
-# word does (fast: larger steps, slow: smaller; high/low: transport height), clearly more than the random control
-# with the same α and the same number of neurons per layer, and without the word in the instruction. The prompt
-# baseline shows what the word itself does, i.e. the size of effect the model is capable of. With two trials per
-# condition these are illustrations, not evidence: the full experiment (20 paired trials per condition, Welch
-# tests, the α sweep and the layer subsets in closed loop) is one command,
+# word does (fast: larger steps, slow: smaller; high/low: transport height), clearly more than random sets with the
+# same α, unit and number of neurons per layer, and without the word in the instruction. The prompt baseline shows
+# what the word itself does. With two trials per condition these are illustrations, not evidence. The
+# pre-registered experiment (40 paired trials on held-out seeds, ten random sets per concept and α, the α sweep and
+# layer subsets in closed loop, paired tests with Holm) is one command,
 #
 # ```bash
-# python -m nnsight_vla.training.experiment --out results/trained_vla
+# nnsight-vla experiment --out results/trained_vla
 # ```
 #
-# (its measured results on the shipped model are in the README, "What it showed", and in `docs/trained_vla/`: the
-# prompt words move the arm strongly; the discovered neurons do nothing up to α = 4 — inside their natural range
-# here — while at α = 8–10 the "slow" set slows and then halts the arm and the "high" set lifts it by 6 %; the
-# "fast" and "low" sets have no measurable effect on the arm's motion),
-#
-# and the same discovery from a shell: `nnsight-vla concepts --source nnsight_vla/data/openvla_small --word fast
+# and its measured results on the shipped model, with what passed and what failed, are in `docs/trained_vla/`.
+# The same discovery from a shell: `nnsight-vla concepts --source nnsight_vla/data/openvla_small --word fast
 # --opposite slow --control --out neurons/fast.json`.
 
 # %%
