@@ -59,6 +59,8 @@ BENCHMARKS: dict[str, list[tuple[str, str, list[str], list[str]]]] = {
     ],
     "memory": [("memory", "bench_memory.py", ["--out", "{out}/memory.json"],
                 ["--sizes", "tiny", "--out", "{out}/memory.json"])],
+    "batching": [("batching", "bench_batching.py", ["--reps", "5", "--out", "{out}/batching.json"],
+                  ["--sizes", "1", "4", "--reps", "1", "--families", "openvla", "--out", "{out}/batching.json"])],
     "sweep": [("sweep", "bench_sweep.py", ["--trials", "4", "--steps", "20", "--out", "{out}/sweep.json"],
                ["--trials", "1", "--steps", "5", "--out", "{out}/sweep.json"])],
 }
@@ -335,6 +337,12 @@ def summarize(out: Path, runs: dict | None = None, gpu: dict | None = None, ran:
                                                    / (e["rss_after_build_mb"] + c["plain"]["peak_extra_mb"]), 4),
                 })
         summary["memory"] = {"rows": rows, "calls": data.get("calls"), "method": data.get("method")}
+    path = out / "batching.json"
+    data = _load(path)
+    summary["sources"]["batching"] = _source(path, data)
+    if data:
+        summary["batching"] = {"rows": [{k: _r(v) if isinstance(v, float) else v for k, v in r.items()}
+                                        for r in data["rows"]], "target": data.get("target")}
     path = out / "sweep.json"
     data = _load(path)
     summary["sources"]["sweep"] = _source(path, data)
@@ -434,6 +442,22 @@ def markdown(summary: dict) -> str:
             f"({_fmt(ln['ns_per_mac'], '.3f')} ns per multiply-add) | extrapolated from the scaling runs |",
             "",
         ]
+    bt = summary.get("batching")
+    if bt:
+        lines += [
+            "## Batched inference (`bench_batching.py`)",
+            "",
+            "N observations (different images and instruction lengths) as N single `predict_action` calls vs one "
+            "batched call, interleaved; ratio = median of paired ratios. Max |difference| of the actions: batched "
+            f"vs single, per element. Target: {bt['target']}.",
+            "",
+            "| family | size | N | one at a time (s) | batched (s) | speed-up | max abs diff |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in bt["rows"]:
+            lines.append(f"| {r['family']} | {r['size']} | {r['n']} | {_fmt(r['singles_s'], '.3f')} | "
+                         f"{_fmt(r['batched_s'], '.3f')} | {_fmt(r['speedup'], '.2f')} | {r['max_abs_diff']:.1e} |")
+        lines.append("")
     sw = summary.get("sweep")
     if sw:
         lines += [
