@@ -12,17 +12,15 @@
 
 from __future__ import annotations
 
-import string
 from typing import Iterable
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import PILImageResampling
 
-from .tokenizer import TINY_CORPUS
+from .tokenizer import TINY_CORPUS, train_language_bpe
 
 #: PaliGemma's sentencepiece vocabulary: 256000 Gemma pieces + 1024 ``<loc>`` + 128 ``<seg>`` tokens.
 PALIGEMMA_VOCAB_SIZE = 257152
@@ -70,22 +68,9 @@ def build_paligemma_style_tokenizer(
             f"vocab_size {vocab_size} leaves {n_language} language ids after {n_loc} <loc> and {n_seg} <seg> tokens; "
             "use at least 128 more"
         )
-    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
     # Gemma keeps spaces as "▁" inside pieces and adds no dummy prefix
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
-    alphabet = sorted(set(string.ascii_letters + string.digits + string.punctuation + "\n▁"))
-    trainer = trainers.BpeTrainer(
-        vocab_size=n_language,
-        special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
-        initial_alphabet=alphabet,
-        min_frequency=1,
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(corpus), trainer=trainer)
-    filler = [f"<unused{i}>" for i in range(n_language - tok.get_vocab_size())]
-    if filler:
-        tok.add_tokens(filler)
+    tok = train_language_bpe(corpus, n_language, ["<pad>", "<eos>", "<bos>", "<unk>"], prepend_scheme="never",
+                             filler="<unused{}>")
     tok.add_tokens([loc_token(i) for i in range(n_loc)] + [seg_token(i) for i in range(n_seg)])
     tok.add_special_tokens(["<image>"])
     if tok.get_vocab_size() != vocab_size + 1 or tok.token_to_id(seg_token(n_seg - 1)) != vocab_size - 1:

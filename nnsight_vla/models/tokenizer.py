@@ -34,6 +34,25 @@ def action_token_name(bin_index: int) -> str:
     return f"<act_{bin_index}>"
 
 
+def train_language_bpe(corpus: Iterable[str], n_language: int, special_tokens: list[str], *,
+                       prepend_scheme: str, filler: str) -> Tokenizer:
+    """A byte-level-alphabet BPE over ``corpus`` with exactly ``n_language`` ids: ``special_tokens`` first, then
+    the learned pieces, padded with inert ``filler.format(i)`` tokens when a small corpus does not reach the size
+    (so later ids are exact). Spaces are "▁" (Metaspace, ``prepend_scheme`` "first" for Llama, "never" for Gemma).
+    """
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=prepend_scheme)
+    alphabet = sorted(set(string.ascii_letters + string.digits + string.punctuation + "\n▁"))
+    trainer = trainers.BpeTrainer(vocab_size=n_language, special_tokens=special_tokens, initial_alphabet=alphabet,
+                                  min_frequency=1, show_progress=False)
+    tok.train_from_iterator(list(corpus), trainer=trainer)
+    padding = [filler.format(i) for i in range(n_language - tok.get_vocab_size())]
+    if padding:
+        tok.add_tokens(padding)
+    return tok
+
+
 def build_llama_style_tokenizer(
     corpus: Iterable[str] = TINY_CORPUS,
     vocab_size: int = 1024,
@@ -50,22 +69,8 @@ def build_llama_style_tokenizer(
         raise ValueError(
             f"vocab_size {vocab_size} leaves only {n_language} language tokens; use at least {n_action_tokens + 128}"
         )
-    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    alphabet = sorted(set(string.ascii_letters + string.digits + string.punctuation + "\n▁"))
-    trainer = trainers.BpeTrainer(
-        vocab_size=n_language,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=alphabet,
-        min_frequency=1,
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(corpus), trainer=trainer)
-    # a small corpus may not reach n_language tokens: pad with inert filler tokens so ids are exact
-    filler = [f"<unused_{i}>" for i in range(n_language - tok.get_vocab_size())]
-    if filler:
-        tok.add_tokens(filler)
+    tok = train_language_bpe(corpus, n_language, ["<unk>", "<s>", "</s>"], prepend_scheme="first",
+                             filler="<unused_{}>")
     tok.add_tokens([action_token_name(b) for b in reversed(range(n_action_tokens))])
     tok.add_special_tokens(["<PAD>"])
     tok.post_processor = processors.TemplateProcessing(
