@@ -590,3 +590,19 @@ def test_paired_statistics_match_independent_references():
     p = {"fast": 0.001, "slow": 0.02, "high": 0.013, "low": 0.3}
     adjusted = holm(p)
     assert adjusted == pytest.approx({"fast": 0.004, "high": 0.039, "slow": 0.04, "low": 0.3})
+
+
+def test_a_policy_spec_has_the_identity_of_the_model_it_builds(tmp_path):
+    """A results folder must not depend on the executor: the same checkpoint run in-process (a model object) or in
+    worker processes (a PolicySpec) is one policy, so a sweep started one way resumes the other way."""
+    import nnsight_vla as nv
+    from nnsight_vla.rollout.policy import PolicySpec, policy_identity
+
+    model = nv.tiny("openvla", seed=3)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = nv.load("openvla", str(tmp_path / "ckpt"), dispatch=True)
+    spec = PolicySpec("load", "openvla", source=str(tmp_path / "ckpt"))
+    assert policy_identity(spec) == policy_identity(loaded)
+    assert policy_identity(PolicySpec("tiny", "openvla", seed=3)) == policy_identity(model)
+    assert policy_identity(PolicySpec("tiny", "openvla", seed=4)) != policy_identity(model)
+    assert policy_identity(PolicySpec("load", "openvla", source=str(tmp_path / "ckpt"))) != policy_identity(model)

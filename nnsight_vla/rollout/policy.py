@@ -135,11 +135,18 @@ class PolicySpec:
         return {"kind": self.kind, "family": self.family, "source": self.source, "seed": self.seed,
                 "factory": self.factory, "options": {k: v for k, v in self.options}}
 
+    def identity(self) -> dict:
+        """The identity of the model this spec builds, equal to that model's own (so a results folder does not
+        depend on the executor: a sweep run in-process can be resumed with worker processes and back). A
+        checkpoint is opened on the meta device for it (config and tokenizer only, no weights)."""
+        if self.kind == "factory":
+            return self.to_dict()
+        options = {k: v for k, v in self.options if k != "dispatch"}
+        return policy_identity(PolicySpec(self.kind, self.family, self.source, self.seed, options=options).build())
+
 
 def policy_identity(policy: Any) -> dict:
     """What identifies a policy in a results manifest (never memory addresses)."""
-    if isinstance(policy, PolicySpec):
-        return policy.to_dict()
     if callable(getattr(policy, "identity", None)):
         return dict(policy.identity())
     if callable(getattr(policy, "to_dict", None)) and not hasattr(policy, "model_key"):
