@@ -221,7 +221,8 @@ def test_the_serve_command_with_the_authors_file(openvla, tmp_path):
         np.testing.assert_array_equal(client.infer(obs)["actions"], want_steered)
         np.testing.assert_array_equal(client.infer({**obs, "condition": "baseline"})["actions"], want_plain)
     finally:
-        proc.send_signal(signal.SIGINT)
+        # SIGTERM, not SIGINT: a test run started from a background shell job inherits SIGINT ignored
+        proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "stopped" in out

@@ -45,9 +45,10 @@ import nnsight_vla as nv
 from nnsight_vla.reports import plots
 from nnsight_vla.concepts import find_opposites, random_control
 from nnsight_vla.envs import libero as L
-from nnsight_vla.rollout.conditions import sweep_grid
+from nnsight_vla.rollout.conditions import load_conditions, sweep_grid
 from nnsight_vla.rollout.stats import compare_conditions, format_rows, success_rates
 from nnsight_vla.rollout.store import ResultsStore
+from nnsight_vla.rollout.sweep import run_sweep
 from nnsight_vla.lens import ValueVectorLens
 
 START = time.perf_counter()
@@ -102,7 +103,9 @@ for condition in conditions:
 # %% [markdown]
 # ## Run the sweep
 #
-# `LiberoConfig` holds everything about the episodes except the policy and the conditions. This run is small:
+# `LiberoConfig` holds everything about the episodes except the policy and the conditions; `LiberoEnv(config)`
+# is the LIBERO environment of the one sweep loop (`nnsight_vla.rollout.sweep.run_sweep`), which every
+# environment (LIBERO, the arm scene, the UR5) shares. This run is small:
 # libero_10 task 0, one trial, 25 policy steps after 15 settle steps, 64-pixel cameras without anti-aliasing and a
 # soft reset (all faster; the standard recipe is 256 px with anti-aliasing). The OpenVLA recipe is applied
 # automatically: the agent-view image rotated 180°, JPEG round trip, Lanczos resize to the model's input size,
@@ -115,7 +118,7 @@ config = L.LiberoConfig(
 )
 RESULTS = OUT / "results"
 started = time.perf_counter()
-report = L.run_sweep(vla, conditions, config, RESULTS, progress=False)
+report = run_sweep(L.LiberoEnv(config), vla, conditions, RESULTS, progress=False)
 print(report)
 print(f"sweep: {time.perf_counter() - started:.1f} s")
 assert report.completed + report.skipped == len(conditions) and not report.failed
@@ -126,7 +129,7 @@ assert report.completed + report.skipped == len(conditions) and not report.faile
 # refused instead of being mixed in).
 
 # %%
-again = L.run_sweep(vla, conditions, config, RESULTS, progress=False)
+again = run_sweep(L.LiberoEnv(config), vla, conditions, RESULTS, progress=False)
 print(f"second run: {again.completed} run, {again.skipped} skipped")
 assert again.completed == 0 and again.skipped == len(conditions)
 
@@ -151,6 +154,12 @@ print(steps[["step", "eef_x", "eef_y", "eef_z", "disp", "action_disp", "gripper"
 # (`level="step"`, metric `action_disp` = |commanded translation| per step, in action units); `level="episode"`
 # uses one sample per episode (the conservative test: with one trial per condition here it has no power, which
 # is the honest answer for a sweep this small).
+#
+# Expect every condition to show the same numbers here, the prompt baseline included: the shipped model learned a
+# 64-pixel table-top scene, LIBERO's kitchen is far outside it, and its actions saturate whatever the instruction
+# or the steering (raw α 4 and 10 are also below its late layers' natural scale; tutorial 3 states α in units of
+# each layer's p99). This tutorial is about the machinery; the steering effects are measured in tutorial 3 and
+# `docs/trained_vla/`, in the scene the model was trained for.
 
 # %%
 overall = [row for row in success_rates(store) if row["task"] == "all"]
@@ -175,16 +184,18 @@ for path in figures:
 assert all(path.stat().st_size > 1000 for path in figures)
 
 # %% [markdown]
-# All of the above in one call — `report_cli` is what `nnsight-vla libero report RESULTS` runs (it also writes the
-# figures into `<results>/plots` unless `plots=False`):
+# All of the above in one command (it also writes the figures into `<results>/plots`):
 #
 # ```bash
-# nnsight-vla libero report tutorials/_out/04_libero/results --metric action_disp
+# nnsight-vla libero report tutorials/_out/04_libero/results --metric action_disp --level step
 # ```
+#
+# Per task, the same comparison keeps one row per (task, condition):
 
 # %%
-report_tables = L.report_cli(RESULTS, metric="action_disp", plots=False)
-assert len(report_tables["comparison"]) == 2 * len(conditions)  # task 0 and "all"
+per_task = compare_conditions(store, "action_disp", level="step", per_task=True)
+print(format_rows(per_task, ["task", "condition", "n", "mean", "pct_change", "p_value"]))
+assert len(per_task) == 2 * len(conditions)  # task 0 and "all"
 
 # %%
 L.close_envs()  # free the cached simulator of this process
@@ -198,22 +209,32 @@ L.close_envs()  # free the cached simulator of this process
 # many simulator workers, `policy_server=True` serves the model from one process.
 #
 # ```python
+# from nnsight_vla.rollout.executors import Processes
+# from nnsight_vla.rollout.policy import PolicySpec
+#
 # config = L.LiberoConfig(suite="libero_10", trials=10)                     # tasks=None: all 10 tasks
-# spec = L.PolicySpec("load", "openvla", source="openvla/openvla-7b")       # each worker loads it
-# L.run_sweep(spec, conditions, config, "runs/libero10", workers=8, policy_server=True)
+# spec = PolicySpec("load", "openvla", source="openvla/openvla-7b")         # built where it runs
+# run_sweep(L.LiberoEnv(config), spec, conditions, "runs/libero10",
+#           executor=Processes(8, policy_server=True, max_batch=8))         # one model, batched requests
 # ```
 #
 # or from the shell, with conditions saved as JSON (`[c.to_dict() for c in conditions]`):
 #
 # ```bash
 # nnsight-vla libero run runs/libero10 --suite libero_10 --trials 10 --checkpoint /models/openvla-7b \
-#     --conditions conditions.json --prompt fast --workers 8 --policy-server
+#     --condition conditions.json --workers 8 --policy-server --max-batch 8
 # nnsight-vla libero report runs/libero10
+# ```
+#
+# and the paper's whole grid, from concept words or the authors' neuron file, is one command:
+#
+# ```bash
+# nnsight-vla libero paper runs/paper --checkpoint /models/openvla-7b --dry-run   # episode count, time estimate
 # ```
 
 # %%
 (OUT / "conditions.json").write_text(json.dumps([c.to_dict() for c in conditions], indent=1))
-reloaded = L.load_conditions(OUT / "conditions.json")
+reloaded = load_conditions(OUT / "conditions.json")
 assert [c.name for c in reloaded] == [c.name for c in conditions]
 (OUT / "done.txt").write_text(f"04_libero ok in {time.perf_counter() - START:.1f} s\n")
 print(f"done in {time.perf_counter() - START:.1f} s")

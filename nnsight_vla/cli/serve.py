@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Annotated, List, Optional
 
@@ -54,6 +55,9 @@ def serve(
     typer.echo(f"serving {meta['family']} at {server.url} (openpi protocol; actions {meta['actions_shape']})")
     typer.echo(f"conditions: {', '.join(meta['conditions'])} (default: {meta['default_condition']})")
     sys.stdout.flush()
+    # Ctrl-C and SIGTERM (a service manager, `kill`) both stop it cleanly; a shell that started it in the
+    # background may have left SIGINT ignored, so SIGTERM is the stop signal that always works
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
