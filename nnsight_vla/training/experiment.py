@@ -154,7 +154,7 @@ def analyse(store, config: ExperimentConfig) -> dict:
                                   for layers in ("all", *config.layer_subsets)
                                   if _name(concept, config.alpha, layers) in conditions}
         if f"prompt:{concept}" in conditions:
-            out["prompts"][concept] = {**paired(values[metric], f"prompt:{concept}", "baseline"),
+            out["prompts"][concept] = {**paired(values[metric], f"prompt:{concept}", "baseline"), "metric": metric,
                                        "other_metric_pct": paired(values[OTHER_METRIC[metric]],
                                                                   f"prompt:{concept}", "baseline")["pct"]}
     adjusted = holm({c: v["p"] for c, v in out["concepts"].items()})

@@ -45,14 +45,16 @@ def markdown(results: dict) -> str:
                                                        "success_within_20_points")]
         lines.append(f"| {concept} | " + " | ".join(cells) + " |")
     lines += ["", "## Main comparison", "",
-              "| condition | metric | Δ% | p (Holm) | d_z | other metric Δ% | random median |Δ%| | random max |Δ%| |",
+              "| condition | metric | Δ% | p (Holm) | d_z | other metric Δ% | random median abs Δ% "
+              "| random max abs Δ% |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
     for concept, v in a["concepts"].items():
         lines.append(f"| {concept} @ α={cfg['alpha']:g} | {METRIC_LABEL[v['metric']]} | {_f(v['pct'])} | "
                      f"{_f(v.get('p_holm'), '.2g')} | {_f(v['cohen_dz'], '.2f')} | {_f(v['other_metric_pct'])} | "
                      f"{_f(v['random_median_abs_pct'], '.1f')} | {_f(v['random_max_abs_pct'], '.1f')} |")
     for concept, v in a["prompts"].items():
-        lines.append(f"| prompt \"... {concept}\" | {METRIC_LABEL[v['metric'] if 'metric' in v else 'mean_disp']} | "
+        metric = v.get("metric") or a["concepts"].get(concept, {}).get("metric", "mean_disp")  # the concept's own
+        lines.append(f"| prompt \"... {concept}\" | {METRIC_LABEL[metric]} | "
                      f"{_f(v['pct'])} | {_f(v['p'], '.2g')} (unadjusted) | {_f(v['cohen_dz'], '.2f')} | "
                      f"{_f(v['other_metric_pct'])} | | |")
     lines += ["", "## Alpha sweep (all layers): Δ% of the concept's metric, random sets' median / max |Δ%|", "",
