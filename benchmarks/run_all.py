@@ -229,6 +229,11 @@ def _r(value, digits: int = 3):
     return None if value is None else round(float(value), digits)
 
 
+def _rounded_rows(rows: list[dict]) -> list[dict]:
+    """A results file's table rows with every float rounded as the summary rounds them."""
+    return [{k: _r(v) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
+
+
 def summarize(out: Path, runs: dict | None = None, gpu: dict | None = None, ran: list[str] | None = None) -> dict:
     """Collect the headline figures of every results file in ``out`` into one dict. ``runs``: the subprocess
     records (this invocation's and earlier ones'); ``ran``: the benchmarks run by this invocation."""
@@ -341,14 +346,12 @@ def summarize(out: Path, runs: dict | None = None, gpu: dict | None = None, ran:
     data = _load(path)
     summary["sources"]["batching"] = _source(path, data)
     if data:
-        summary["batching"] = {"rows": [{k: _r(v) if isinstance(v, float) else v for k, v in r.items()}
-                                        for r in data["rows"]], "target": data.get("target")}
+        summary["batching"] = {"rows": _rounded_rows(data["rows"]), "target": data.get("target")}
     path = out / "sweep.json"
     data = _load(path)
     summary["sources"]["sweep"] = _source(path, data)
     if data:
-        summary["sweep"] = {"rows": [{k: _r(v) if isinstance(v, float) else v for k, v in r.items()}
-                                     for r in data["rows"]],
+        summary["sweep"] = {"rows": _rounded_rows(data["rows"]),
                             "episodes_equal_across_modes": data.get("episodes_equal_across_modes"),
                             "workers": data.get("workers"), "trials": data.get("trials"), "steps": data.get("steps")}
     summary["process_peaks_mb"] = {name: r.get("peak_rss_mb") for name, r in runs.items()}
@@ -374,6 +377,11 @@ def _fmt(value, spec: str = "") -> str:
 def _shape(shape: dict) -> str:
     vocab = shape.get("vocab", shape.get("vocab_rows"))
     return f"{shape['layers']} layers × {shape['d_mlp']} vectors, d_model {shape['d_model']}, vocab {vocab}"
+
+
+def _section(title: str, intro: str, header: str, separator: str, rows: list[str]) -> list[str]:
+    """A summary section: its heading, one paragraph and a table (header, separator, rows)."""
+    return [f"## {title}", "", intro, "", header, separator, *rows, ""]
 
 
 def markdown(summary: dict) -> str:
@@ -444,36 +452,26 @@ def markdown(summary: dict) -> str:
         ]
     bt = summary.get("batching")
     if bt:
-        lines += [
-            "## Batched inference (`bench_batching.py`)",
-            "",
+        lines += _section(
+            "Batched inference (`bench_batching.py`)",
             "N observations (different images and instruction lengths) as N single `predict_action` calls vs one "
             "batched call, interleaved; ratio = median of paired ratios. Max |difference| of the actions: batched "
             f"vs single, per element. Target: {bt['target']}.",
-            "",
             "| family | size | N | one at a time (s) | batched (s) | speed-up | max abs diff |",
             "|---|---|---:|---:|---:|---:|---:|",
-        ]
-        for r in bt["rows"]:
-            lines.append(f"| {r['family']} | {r['size']} | {r['n']} | {_fmt(r['singles_s'], '.3f')} | "
-                         f"{_fmt(r['batched_s'], '.3f')} | {_fmt(r['speedup'], '.2f')} | {r['max_abs_diff']:.1e} |")
-        lines.append("")
+            [f"| {r['family']} | {r['size']} | {r['n']} | {_fmt(r['singles_s'], '.3f')} | "
+             f"{_fmt(r['batched_s'], '.3f')} | {_fmt(r['speedup'], '.2f')} | {r['max_abs_diff']:.1e} |"
+             for r in bt["rows"]])
     sw = summary.get("sweep")
     if sw:
-        lines += [
-            "## Sweep throughput (`bench_sweep.py`)",
-            "",
+        lines += _section(
+            "Sweep throughput (`bench_sweep.py`)",
             f"The same episodes (shipped model in the arm scene, {sw['trials']} trials x 2 conditions x "
             f"{sw['steps']} steps) run by each executor; ratio = episodes per hour against the one-process "
             f"loop. Episodes identical across modes: {sw['episodes_equal_across_modes']}.",
-            "",
-            "| mode | episodes | wall (s) | episodes / h | vs one process |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for r in sw["rows"]:
-            lines.append(f"| {r['mode']} | {r['episodes']} | {_fmt(r['wall_s'], '.1f')} | "
-                         f"{_fmt(r['episodes_per_hour'], '.0f')} | {_fmt(r['vs_inline'], '.2f')} |")
-        lines.append("")
+            "| mode | episodes | wall (s) | episodes / h | vs one process |", "|---|---:|---:|---:|---:|",
+            [f"| {r['mode']} | {r['episodes']} | {_fmt(r['wall_s'], '.1f')} | "
+             f"{_fmt(r['episodes_per_hour'], '.0f')} | {_fmt(r['vs_inline'], '.2f')} |" for r in sw["rows"]])
     lb = summary.get("libero")
     if lb:
         lines += [
