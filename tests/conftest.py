@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -16,6 +17,19 @@ def tiny_openvla():
     import nnsight_vla as nv
 
     return nv.tiny("openvla", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_families(tiny_openvla):
+    """A tiny model of each family, with the pi0-FAST "does not decode" warning (random weights never decode)
+    silenced while the module's tests run and its level restored after them."""
+    import nnsight_vla as nv
+
+    logger = logging.getLogger("nnsight_vla.models.pi0_fast")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield {"openvla": tiny_openvla, "pi0": nv.tiny("pi0", seed=0), "pi0-fast": nv.tiny("pi0-fast", seed=0)}
+    logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")

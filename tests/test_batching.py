@@ -7,13 +7,11 @@ multi-invoke traces with single calls carrying the same edit as a hook.
 
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 import pytest
 import torch
 
-import nnsight_vla as nv
 from nnsight_vla.errors import InputError
 from nnsight_vla.neurons import NeuronSet
 from nnsight_vla.steering import Steering
@@ -29,12 +27,8 @@ NEURONS, LAYER, ALPHA = [3, 7, 11], 0, 4.0  # layer 0: pi0's expert never sees t
 
 
 @pytest.fixture(scope="module")
-def models(tiny_openvla):
-    logger = logging.getLogger("nnsight_vla.models.pi0_fast")
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # random tiny models do not decode; restored after this module's tests
-    yield {"openvla": tiny_openvla, "pi0": nv.tiny("pi0", seed=0), "pi0-fast": nv.tiny("pi0-fast", seed=0)}
-    logger.setLevel(level)
+def models(tiny_families):
+    return tiny_families
 
 
 @pytest.fixture(scope="module")

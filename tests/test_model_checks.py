@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -25,12 +24,8 @@ INSTRUCTION = "pick up the black bowl"
 
 
 @pytest.fixture(scope="module")
-def models(tiny_openvla):
-    logger = logging.getLogger("nnsight_vla.models.pi0_fast")
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # random tiny models do not decode; restored after this module's tests
-    yield {"openvla": tiny_openvla, "pi0": nv.tiny("pi0", seed=0), "pi0-fast": nv.tiny("pi0-fast", seed=0)}
-    logger.setLevel(level)
+def models(tiny_families):
+    return tiny_families
 
 
 def predict(vla, images, instruction=INSTRUCTION, **kwargs):
