@@ -67,3 +67,32 @@ def experiment(
     if random_sets is not None:
         config.random_sets = random_sets
     typer.echo(markdown(run_experiment(out, config, progress=progress_enabled(progress))))
+
+
+@handled
+def replication(
+    runs: Annotated[list[str], typer.Argument(help="two or more LABEL=FOLDER, each an `experiment` results folder "
+                                                   "(e.g. 'seed 0=results/seed0')")],
+    out: Annotated[Optional[Path], typer.Option(help="write the markdown here as well as printing it")] = None,
+) -> None:
+    """The pre-registered criteria across training seeds: met only where every run meets them."""
+    from .. import files
+    from ..errors import InputError
+    from ..training.report import replication_markdown
+
+    loaded = {}
+    for run in runs:
+        label, sep, folder = run.partition("=")
+        if not sep or not label or not folder:
+            raise InputError(f"expected LABEL=FOLDER, got {run!r}")
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            raise InputError(f"{path} does not exist: run `nnsight-vla experiment --out {folder}` first")
+        loaded[label] = json.loads(path.read_text())
+    try:
+        text = replication_markdown(loaded)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if out is not None:
+        files.write_text(out, text)
+    typer.echo(text)

@@ -3,6 +3,7 @@ figures a reader looks at first (effects beside their random sets, the alpha swe
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -13,6 +14,12 @@ from ..reports.figures import new_figure, save_figure
 
 METRIC_LABEL = {"mean_disp": "displacement per step", "max_height_table": "max height above table"}
 COLORS = {"fast": "tab:red", "slow": "tab:blue", "high": "tab:green", "low": "tab:purple"}
+
+
+CRITERIA = (("direction_and_size", "Δ% ≥ 15, right way"), ("significant_holm", "p_holm < 0.01"),
+            ("other_metric_unchanged", "other metric < 5 %"), ("beyond_every_random_set", "beyond every random set"),
+            ("random_median_small", "random median < 3 %"), ("grows_with_alpha", "grows with α"),
+            ("success_within_20_points", "success ±20 pts"))
 
 
 def _f(v, fmt: str = "+.1f") -> str:
@@ -34,15 +41,11 @@ def markdown(results: dict) -> str:
         "",
         f"## Criteria (fixed before the run): {'ALL MET' if a['all_criteria_met'] else 'NOT ALL MET'}",
         "",
-        "| concept | Δ% ≥ 15, right way | p_holm < 0.01 | other metric < 5 % | beyond every random set | "
-        "random median < 3 % | grows with α | success ±20 pts |",
-        "|---|---|---|---|---|---|---|---|",
+        "| concept | " + " | ".join(name for _, name in CRITERIA) + " |",
+        "|---|" + "---|" * len(CRITERIA),
     ]
     for concept, c in a["criteria"].items():
-        cells = ["yes" if c[k] else "**no**" for k in ("direction_and_size", "significant_holm",
-                                                       "other_metric_unchanged", "beyond_every_random_set",
-                                                       "random_median_small", "grows_with_alpha",
-                                                       "success_within_20_points")]
+        cells = ["yes" if c[k] else "**no**" for k, _ in CRITERIA]
         lines.append(f"| {concept} | " + " | ".join(cells) + " |")
     lines += ["", "## Main comparison", "",
               "| condition | metric | Δ% | p (Holm) | d_z | other metric Δ% | random median abs Δ% "
@@ -91,6 +94,75 @@ def markdown(results: dict) -> str:
     lines += ["", "## Checkpoint diff (base -> fine-tuned)", "",
               f"{100 * proj['action_share_of_change']:.1f} % of the change of the value vectors' vocabulary "
               f"projections falls on action-token rows (they are {100 * proj['action_row_share']:.0f} % of the rows)."]
+    return "\n".join(lines) + "\n"
+
+
+def replication_markdown(runs: dict[str, dict]) -> str:
+    """The pre-registered criteria across training seeds: a criterion holds only if it holds on every run.
+
+    ``runs`` maps a label (e.g. "seed 0") to an experiment's results.json; the runs must share the declared
+    alpha and the criteria's thresholds, else comparing them would not be the pre-registered test."""
+    if len(runs) < 2:
+        raise ValueError("a replication needs at least two experiment results")
+    configs = {label: (r["config"]["alpha"], r["config"]["percentile"], r["config"]["trials"],
+                       r["config"]["seed"], json.dumps(r["config"]["criteria"], sort_keys=True))
+               for label, r in runs.items()}
+    if len(set(configs.values())) > 1:
+        raise ValueError("the runs were not evaluated with the same pre-registered settings "
+                         f"(alpha, percentile, trials, seeds, criteria): {configs}")
+    labels = list(runs)
+    concepts = list(next(iter(runs.values()))["analysis"]["criteria"])
+    cfg = next(iter(runs.values()))["config"]
+    lines = ["# Replication across training seeds (pre-registered criteria)", "",
+             f"alpha = {cfg['alpha']:g} x per-layer p{cfg['percentile']:g}; {cfg['trials']} paired episodes per "
+             f"condition on scene seeds {cfg['seed']}..{cfg['seed'] + cfg['trials'] - 1}. A criterion is met only "
+             "if it holds on every run.", "",
+             "## Criteria: met on every run?", "",
+             "| concept | " + " | ".join(name for _, name in CRITERIA) + " |",
+             "|---|" + "---|" * len(CRITERIA)]
+    for concept in concepts:
+        cells = []
+        for key, _ in CRITERIA:
+            held = [bool(runs[label]["analysis"]["criteria"][concept][key]) for label in labels]
+            cells.append("yes" if all(held) else "**no**" + ("" if not any(held) else
+                         " (" + ", ".join(lab for lab, h in zip(labels, held) if h) + " only)"))
+        lines.append(f"| {concept} | " + " | ".join(cells) + " |")
+    lines += ["", f"## Main comparison at α = {cfg['alpha']:g}", "",
+              "| concept | run | Δ% | p (Holm) | other metric Δ% | random median / max abs Δ% | "
+              "success Δ (points) |", "|---|---|---:|---:|---:|---:|---:|"]
+    for concept in concepts:
+        for label in labels:
+            v = runs[label]["analysis"]["concepts"][concept]
+            lines.append(f"| {concept} | {label} | {_f(v['pct'])} | {_f(v.get('p_holm'), '.2g')} | "
+                         f"{_f(v['other_metric_pct'])} | {_f(v['random_median_abs_pct'], '.1f')} / "
+                         f"{_f(v['random_max_abs_pct'], '.1f')} | {_f(v.get('success_change_points'), '+.1f')} |")
+    sweeps = {label: r["analysis"]["sweep"] for label, r in runs.items()}
+    alphas = sorted({a for s in sweeps.values() for by in s.values() for a in by}, key=float)
+    lines += ["", "## Alpha sweep (all layers): Δ% of the concept's metric", "",
+              "| concept | run | " + " | ".join(f"α={a}" for a in alphas) + " |", "|---|---|" + "---:|" * len(alphas)]
+    for concept in concepts:
+        for label in labels:
+            by = sweeps[label].get(concept, {})
+            lines.append(f"| {concept} | {label} | " + " | ".join(_f(by[a]["pct"]) if a in by else "-"
+                                                                  for a in alphas) + " |")
+    subsets = list(next(iter(runs.values()))["analysis"]["layers"][concepts[0]])
+    if len(subsets) > 1:
+        lines += ["", "## Layer subsets at the declared α: Δ%", "",
+                  "| concept | run | " + " | ".join(subsets) + " |", "|---|---|" + "---:|" * len(subsets)]
+        for concept in concepts:
+            for label in labels:
+                by = runs[label]["analysis"]["layers"][concept]
+                lines.append(f"| {concept} | {label} | " + " | ".join(_f(by[s]["pct"]) if s in by else "-"
+                                                                      for s in subsets) + " |")
+    gate_names = list(next(iter(runs.values()))["gates"]["passed"])
+    lines += ["", "## Single-step gates", "", "| gate | " + " | ".join(labels) + " |",
+              "|---|" + "---|" * len(labels)]
+    for gate in gate_names:
+        lines.append(f"| {gate} | " + " | ".join("pass" if runs[lab]["gates"]["passed"].get(gate) else "**FAIL**"
+                                                  for lab in labels) + " |")
+    lines.append("| neurons responding (fast / slow / high / low) | " + " | ".join(
+        " / ".join(f"{sum(r['responding'])}/{len(r['responding'])}"
+                   for r in runs[lab]["gates"]["results"]["neuron_response"].values()) for lab in labels) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,70 @@
+"""The replication report: a pre-registered criterion counts as met only where every training seed meets it."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from nnsight_vla.cli import app
+from nnsight_vla.training.report import replication_markdown
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "trained_vla" / "results.json"
+
+
+@pytest.fixture(scope="module")
+def seed0() -> dict:
+    return json.loads(RESULTS.read_text())
+
+
+def _row(text: str, section: str, concept: str) -> list[str]:
+    body = text.split(section, 1)[1]
+    line = next(l for l in body.splitlines() if l.startswith(f"| {concept} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_a_criterion_holds_only_if_it_holds_on_every_run(seed0):
+    other = copy.deepcopy(seed0)
+    # seed 0 measured: fast meets direction/size and misses growth with alpha. Make the second run the opposite.
+    other["analysis"]["criteria"]["fast"]["direction_and_size"] = False
+    other["analysis"]["criteria"]["fast"]["grows_with_alpha"] = True
+    text = replication_markdown({"seed 0": seed0, "seed 1": other})
+    cells = _row(text, "## Criteria", "fast")
+    assert cells[1] == "**no** (seed 0 only)"          # direction and size
+    assert cells[2] == "yes"                           # significance: both runs
+    assert cells[6] == "**no** (seed 1 only)"          # grows with alpha
+    assert cells[7] == "**no**"                        # success: neither
+    # the same report from identical runs equals seed 0's own verdicts
+    same = _row(replication_markdown({"a": seed0, "b": seed0}), "## Criteria", "low")
+    own = seed0["analysis"]["criteria"]["low"]
+    assert [c == "yes" for c in same[1:]] == [own[k] for k in ("direction_and_size", "significant_holm",
+                                                               "other_metric_unchanged", "beyond_every_random_set",
+                                                               "random_median_small", "grows_with_alpha",
+                                                               "success_within_20_points")]
+
+
+def test_runs_with_different_preregistered_settings_are_refused(seed0):
+    other = copy.deepcopy(seed0)
+    other["config"]["alpha"] = 8.0
+    with pytest.raises(ValueError, match="same pre-registered settings"):
+        replication_markdown({"seed 0": seed0, "seed 1": other})
+    with pytest.raises(ValueError, match="at least two"):
+        replication_markdown({"seed 0": seed0})
+
+
+def test_replication_command(tmp_path, seed0):
+    for name in ("s0", "s1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(seed0))
+    out = tmp_path / "REPLICATION.md"
+    result = CliRunner().invoke(app, ["replication", f"seed 0={tmp_path / 's0'}", f"seed 1={tmp_path / 's1'}",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_text().startswith("# Replication across training seeds")
+    bad = CliRunner().invoke(app, ["replication", f"seed 0={tmp_path / 's0'}", f"{tmp_path / 's1'}"])
+    assert bad.exit_code != 0 and "LABEL=FOLDER" in bad.output
+    missing = CliRunner().invoke(app, ["replication", f"a={tmp_path / 's0'}", f"b={tmp_path / 'none'}"])
+    assert missing.exit_code != 0 and "does not exist" in missing.output
