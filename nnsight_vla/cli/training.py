@@ -25,8 +25,8 @@ def train(
     phase1_steps: Annotated[Optional[int], typer.Option(min=1, help="language pretraining steps")] = None,
     phase2_steps: Annotated[Optional[int], typer.Option(min=1, help="action fine-tuning (LoRA) steps")] = None,
     episodes: Annotated[Optional[int], typer.Option(min=1, help="demonstration episodes")] = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars and step records")]
-    = True,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars (terminal only) and "
+                                           "step records as JSON lines on stdout (also when redirected)")] = True,
 ) -> None:
     """Train the small OpenVLA (vision, language, grounding, LoRA actions) and write both checkpoints."""
     from ..training.train import TrainConfig, train as run
@@ -36,7 +36,7 @@ def train(
     for name, value in (("phase1_steps", phase1_steps), ("phase2_steps", phase2_steps), ("n_episodes", episodes)):
         if value is not None:
             setattr(config, name, value)
-    log = run(out, config, work=work, progress=progress_enabled(progress))
+    log = run(out, config, work=work, progress=progress_enabled(progress), records=progress)
     typer.echo(json.dumps({"out": str(out), "timings_s": {k: round(v, 1) for k, v in log["timings"].items()},
                            "final": log["final"]}, indent=1, default=float))
 

@@ -135,8 +135,12 @@ def demonstrations(config: TrainConfig, image_size: int, work: str | os.PathLike
 
 
 def train(out: str | os.PathLike, config: TrainConfig, work: str | os.PathLike | None = None,
-          progress: bool = True) -> dict:
-    """Run the whole training (see the module docstring); returns the log written to ``<out>/training_log.json``."""
+          progress: bool = True, records: bool | None = None) -> dict:
+    """Run the whole training (see the module docstring); returns the log written to ``<out>/training_log.json``.
+
+    ``progress`` shows progress bars; ``records`` (default: as ``progress``) prints each step record as a JSON
+    line on stdout, so a run redirected to a file still shows where it is."""
+    echo = progress if records is None else records
     import torch
 
     from ..models.tokenizer import build_llama_style_tokenizer
@@ -161,7 +165,7 @@ def train(out: str | os.PathLike, config: TrainConfig, work: str | os.PathLike |
 
     def record(entry: dict) -> None:
         log["records"].append(entry)
-        if progress:
+        if echo:
             print(json.dumps(entry, default=float), flush=True)
 
     # 1. corpus and tokenizer
