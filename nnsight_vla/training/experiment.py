@@ -93,13 +93,16 @@ def _name(concept: str, alpha: float, layers: str) -> str:
 
 def build_conditions(sets: dict, scale, config: ExperimentConfig) -> tuple[list, list]:
     """(main conditions, random-set conditions): baseline, prompts, concepts over alphas and layer subsets;
-    ``random_sets`` controls per concept per alpha (same neurons per layer, same alpha and unit)."""
+    ``random_sets`` controls per concept per alpha (same neurons per layer, same alpha and unit). The declared
+    alpha's conditions come first, so an interrupted run has answered the primary question first (episodes do
+    not depend on the order)."""
     from ..rollout.conditions import baseline, prompt_baseline, steered
     from ..steering import Steering
 
     main = [baseline()] + [prompt_baseline(c) for c in CONCEPTS]
     controls = []
-    for alpha in config.alphas():
+    declared_first = sorted(config.alphas(), key=lambda a: (a != float(config.alpha), a))
+    for alpha in declared_first:
         for i, concept in enumerate(CONCEPTS):
             steering = Steering(sets["all"][concept], alpha, scale=scale, name=concept)
             main.append(steered(concept, steering, alpha=alpha, layers="all", name=_name(concept, alpha, "all")))

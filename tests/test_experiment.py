@@ -1,4 +1,5 @@
-"""The replication report: a pre-registered criterion counts as met only where every training seed meets it."""
+"""The experiment around the trained VLA: the replication report (a pre-registered criterion counts as met only
+where every training seed meets it) and the order its conditions run in."""
 
 from __future__ import annotations
 
@@ -68,3 +69,21 @@ def test_replication_command(tmp_path, seed0):
     assert bad.exit_code != 0 and "LABEL=FOLDER" in bad.output
     missing = CliRunner().invoke(app, ["replication", f"a={tmp_path / 's0'}", f"b={tmp_path / 'none'}"])
     assert missing.exit_code != 0 and "does not exist" in missing.output
+
+
+def test_the_declared_alpha_runs_first_and_the_conditions_do_not_change():
+    """Reordering only: the declared alpha's random sets come first, and the set of conditions (names and
+    steerings) is exactly the sweep's alphas x concepts x sets."""
+    from nnsight_vla.neurons import NeuronSet
+    from nnsight_vla.training.experiment import CONCEPTS, ExperimentConfig, build_conditions
+
+    config = ExperimentConfig(alpha=4.0, sweep=(1.0, 2.0, 8.0), random_sets=3, layer_subsets=("early", "late"))
+    sets = {layers: {c: NeuronSet(((1, i), (6, 10 + i)), d_mlp=512, num_layers=8, name=c)
+                     for i, c in enumerate(CONCEPTS)} for layers in ("all", "early", "late")}
+    main, controls = build_conditions(sets, 1.0, config)
+    alphas = [float(c.name.rsplit("@a", 1)[1].split("/")[0]) for c in controls]
+    assert alphas[:4 * 3] == [4.0] * 12
+    assert sorted(alphas) == sorted([a for a in (1.0, 2.0, 4.0, 8.0) for _ in range(4 * 3)])
+    assert len({c.name for c in controls}) == len(controls) == 4 * 4 * 3
+    names = [c.name for c in main]
+    assert len(set(names)) == len(names) == 1 + 4 + 4 * 4 + 2 * 4
