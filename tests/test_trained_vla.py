@@ -201,4 +201,18 @@ def test_quick_experiment_writes_its_report(tmp_path):
     for concept in CONCEPTS:
         v = data["analysis"]["concepts"][concept]
         assert len(v["random_pct"]) == 2 and math.isfinite(v["pct"])
-    assert results["episodes"]["main"]["total"] == 3 * (1 + 4 + 4)
+    assert results["episodes"]["main"]["total"] == 3 * (1 + 4 + 4) and results["complete"]
+    assert "INTERIM" not in (tmp_path / "exp" / "RESULTS.md").read_text()
+
+    # analysing the finished folder again runs nothing and gives the same analysis
+    again = run_experiment(tmp_path / "exp", ExperimentConfig.quick(), progress=False, rollouts=False)
+    assert again["analysis"] == json.loads(json.dumps(results["analysis"])) and again["complete"]
+    assert again["episodes"]["main"]["completed"] == 0
+    # an interrupted run (some episodes missing) is analysed on what is there and says so
+    records = sorted((tmp_path / "exp" / "episodes_random" / "episodes").glob("random*.json"))
+    assert records, "the random sets' episodes are committed as JSON records beside their Parquet steps"
+    for path in records[-1].parent.glob(records[-1].stem + ".*"):  # as if that episode had never run
+        path.unlink()
+    interim = run_experiment(tmp_path / "exp", ExperimentConfig.quick(), progress=False, rollouts=False)
+    assert not interim["complete"]
+    assert "INTERIM" in (tmp_path / "exp" / "RESULTS.md").read_text()

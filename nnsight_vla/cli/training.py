@@ -53,6 +53,8 @@ def experiment(
     workers: Annotated[int, typer.Option(min=1, help="worker processes for the rollouts")] = 2,
     quick: Annotated[bool, typer.Option(help="declared alpha only, few trials (tests); not the pre-registered run")]
     = False,
+    analyse_only: Annotated[bool, typer.Option(help="run no episode: report on the episodes already in --out "
+                                                    "(marked INTERIM unless all are there)")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars (terminal only)")] = True,
 ) -> None:
     """The pre-registered experiment on the trained model (docs/trained_vla/PREREGISTRATION.md): lens, concepts,
@@ -66,7 +68,7 @@ def experiment(
         config.trials = trials
     if random_sets is not None:
         config.random_sets = random_sets
-    typer.echo(markdown(run_experiment(out, config, progress=progress_enabled(progress))))
+    typer.echo(markdown(run_experiment(out, config, progress=progress_enabled(progress), rollouts=not analyse_only)))
 
 
 @handled

@@ -93,16 +93,13 @@ def _name(concept: str, alpha: float, layers: str) -> str:
 
 def build_conditions(sets: dict, scale, config: ExperimentConfig) -> tuple[list, list]:
     """(main conditions, random-set conditions): baseline, prompts, concepts over alphas and layer subsets;
-    ``random_sets`` controls per concept per alpha (same neurons per layer, same alpha and unit). The declared
-    alpha's conditions come first, so an interrupted run has answered the primary question first (episodes do
-    not depend on the order)."""
+    ``random_sets`` controls per concept per alpha (same neurons per layer, same alpha and unit)."""
     from ..rollout.conditions import baseline, prompt_baseline, steered
     from ..steering import Steering
 
     main = [baseline()] + [prompt_baseline(c) for c in CONCEPTS]
     controls = []
-    declared_first = sorted(config.alphas(), key=lambda a: (a != float(config.alpha), a))
-    for alpha in declared_first:
+    for alpha in config.alphas():
         for i, concept in enumerate(CONCEPTS):
             steering = Steering(sets["all"][concept], alpha, scale=scale, name=concept)
             main.append(steered(concept, steering, alpha=alpha, layers="all", name=_name(concept, alpha, "all")))
@@ -116,6 +113,16 @@ def build_conditions(sets: dict, scale, config: ExperimentConfig) -> tuple[list,
             main.append(steered(concept, steering, alpha=config.alpha, layers=layers,
                                 name=_name(concept, config.alpha, layers)))
     return main, controls
+
+
+def primary_first(conditions: list, config: ExperimentConfig) -> list[list]:
+    """The conditions in two stages: those of the primary comparison (no steering, or the declared alpha on all
+    layers) and the rest. Sweeps are trial-major, so running the stages one after the other is what makes an
+    interrupted run hold the primary comparison complete; episodes do not depend on the order."""
+    primary = [c for c in conditions if c.alpha is None or (float(c.alpha) == float(config.alpha)
+                                                            and c.layers in (None, "all"))]
+    rest = [c for c in conditions if c not in primary]
+    return [stage for stage in (primary, rest) if stage]
 
 
 def analyse(store, config: ExperimentConfig) -> dict:
@@ -183,8 +190,12 @@ def analyse(store, config: ExperimentConfig) -> dict:
     return out
 
 
-def run_experiment(out: str | os.PathLike, config: ExperimentConfig, progress: bool = True) -> dict:
-    """Run (or resume) the experiment into ``out``; returns the results (also in ``results.json``)."""
+def run_experiment(out: str | os.PathLike, config: ExperimentConfig, progress: bool = True,
+                   rollouts: bool = True) -> dict:
+    """Run (or resume) the experiment into ``out``; returns the results (also in ``results.json``).
+
+    ``rollouts=False`` runs no episode: it analyses the episodes already in ``out`` (after checking they were
+    made by this model and these conditions) and marks the report INTERIM unless every episode is there."""
     import torch
 
     from .. import models
@@ -225,8 +236,11 @@ def run_experiment(out: str | os.PathLike, config: ExperimentConfig, progress: b
 
     t1 = time.perf_counter()
     steerings = {c: Steering(sets["all"][c], config.alpha, scale=scale, name=c) for c in CONCEPTS}
-    gates = run_gates(vla, sets["all"], steerings, frames, n_random=config.gate_random, **kwargs).to_dict()
-    files.write_json(out / "gates.json", _jsonable(gates), indent=1)
+    if not rollouts and (out / "gates.json").is_file():  # analysing a run: its gates are already measured
+        gates = json.loads((out / "gates.json").read_text())
+    else:
+        gates = run_gates(vla, sets["all"], steerings, frames, n_random=config.gate_random, **kwargs).to_dict()
+        files.write_json(out / "gates.json", _jsonable(gates), indent=1)
     timing["gates_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -234,19 +248,26 @@ def run_experiment(out: str | os.PathLike, config: ExperimentConfig, progress: b
     image_size = int(vla.image_processor.image_size[0])
     policy = vla if config.workers <= 1 else PolicySpec("load", "openvla", source=model_path)
     executor = Inline() if config.workers <= 1 else Processes(config.workers)
-    reports = []
-    for conds, trials, folder in ((main, config.trials, "episodes"),
-                                  (controls, config.random_trials, "episodes_random")):
-        if not conds:
-            continue
+    from ..rollout.conditions import baseline
+
+    stages = []  # (conditions, trials, folder): the primary comparison of both folders first
+    for i, (conds, trials, folder) in enumerate(((main, config.trials, "episodes"),
+                                                 (controls, config.random_trials, "episodes_random"))):
+        if conds and folder == "episodes_random":  # the random sets' paired reference: the same trials unsteered
+            conds = [baseline()] + list(conds)
+        for rank, stage in enumerate(primary_first(list(conds), config)):
+            stages.append((rank, i, stage, trials, folder))
+    reports: dict = {}
+    for _, _, conds, trials, folder in sorted(stages, key=lambda s: (s[0], s[1])):
         rollout = ArmRolloutConfig(instructions=TASK_BASES, trials=trials, max_steps=config.max_steps,
                                    seed=config.seed, image_size=image_size)
-        if folder == "episodes_random":  # the random sets' paired reference: the same first trials unsteered
-            from ..rollout.conditions import baseline
-
-            conds = [baseline()] + list(conds)
-        reports.append(run_sweep(ArmSceneEnv(rollout), policy, conds, out / folder, executor=executor,
-                                 progress=progress))
+        env = ArmSceneEnv(rollout)
+        if rollouts:
+            report = run_sweep(env, policy, conds, out / folder, executor=executor, progress=progress).to_dict()
+        else:
+            report = _episodes_present(out / folder, env, policy, conds)
+        reports.setdefault(folder, []).append(report)
+    reports = {folder: _merge_reports(stage_reports) for folder, stage_reports in reports.items()}
     timing["rollouts_s"] = time.perf_counter() - t2
     store = ResultsStore.open(out / "episodes")
     store.check()
@@ -265,14 +286,51 @@ def run_experiment(out: str | os.PathLike, config: ExperimentConfig, progress: b
                               for c, s in by_concept.items()} for layers, by_concept in sets.items()},
         "gates": gates, "analysis": analysis,
         "checkpoint_diff": {"lens": diff_summary(diff), "projection": projection_change(base, vla)},
-        "episodes": {"main": reports[0].to_dict() if reports else None,
-                     "random": reports[1].to_dict() if len(reports) > 1 else None},
+        "episodes": {"main": reports.get("episodes"), "random": reports.get("episodes_random")},
+        "complete": all(r["completed"] + r["skipped"] == r["total"] for r in reports.values()),
         "timing": {**timing, "total_s": time.perf_counter() - t0},
     }
     files.write_json(out / "results.json", _jsonable(results), indent=1)
     results["report"] = [str(p) for p in write_report(out, results, store)]
     files.write_json(out / "results.json", _jsonable(results), indent=1)
     return results
+
+
+def _merge_reports(reports: list[dict]) -> dict:
+    """One folder's sweep reports (its stages) as one: counts summed, failures listed, stages kept."""
+    merged = {"results": reports[0]["results"], "stages": reports}
+    for key in ("total", "skipped", "completed", "env_steps", "wall_s", "worker_restarts"):
+        merged[key] = sum(r.get(key) or 0 for r in reports)
+    merged["failed"] = [f for r in reports for f in r.get("failed", [])]
+    merged["stopped"] = next((r["stopped"] for r in reports if r.get("stopped")), None)
+    return merged
+
+
+def _episodes_present(folder: Path, env, policy, conditions: list) -> dict:
+    """Without running anything: check that ``folder`` holds episodes of this environment, policy and these
+    conditions, and count how many of this stage's episodes are there (a sweep report with nothing run)."""
+    from ..errors import ResultsError
+    from ..rollout.policy import policy_identity
+    from ..rollout.records import jsonable
+    from ..rollout.store import ResultsStore
+    from ..rollout.sweep import sweep_jobs
+
+    store = ResultsStore.open(folder)
+    store.check()
+    manifest = store.manifest
+    expected = jsonable({**env.identity(), "policy": policy_identity(policy)})
+    if manifest.get("config") != expected:
+        raise ResultsError(f"{folder} holds episodes of another model or setup than this experiment's; "
+                           "analyse it with the settings it was run with")
+    for c in conditions:
+        old = manifest.get("conditions", {}).get(c.name)
+        if old is not None and old != jsonable(c.to_dict()):
+            raise ResultsError(f"{folder}: condition {c.name!r} was run with another definition")
+    jobs = sweep_jobs(env, conditions)
+    complete = store.completed()
+    present = sum(job.key.id in complete for job in jobs)
+    return {"results": str(folder), "total": len(jobs), "skipped": present, "completed": 0, "failed": [],
+            "env_steps": 0, "wall_s": 0.0, "worker_restarts": 0, "stopped": None}
 
 
 def _merge_random(analysis: dict, store, config: ExperimentConfig) -> None:

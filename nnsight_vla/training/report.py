@@ -28,6 +28,17 @@ def _f(v, fmt: str = "+.1f") -> str:
     return format(v, fmt)
 
 
+def _interim(results: dict) -> list[str]:
+    """A warning paragraph when the report is computed on part of the episodes (an interrupted run)."""
+    if results.get("complete", True):
+        return []
+    counts = "; ".join(f"{name}: {r['completed'] + r['skipped']} of {r['total']}"
+                       for name, r in results["episodes"].items() if r)
+    return [f"**INTERIM: not every episode has run** ({counts}). Each comparison uses the trials present for "
+            "both of its conditions (n in results.json); rerun `nnsight-vla experiment` with the same --out to "
+            "finish.", ""]
+
+
 def markdown(results: dict) -> str:
     cfg, a, gates = results["config"], results["analysis"], results["gates"]
     lines = [
@@ -39,6 +50,7 @@ def markdown(results: dict) -> str:
         f"instructions; {cfg['random_sets']} random sets per concept per alpha ({cfg['random_trials']} episodes "
         "each). Δ% against the baseline; p: paired t-test, Holm-corrected over the four concepts.",
         "",
+        *_interim(results),
         f"## Criteria (fixed before the run): {'ALL MET' if a['all_criteria_met'] else 'NOT ALL MET'}",
         "",
         "| concept | " + " | ".join(name for _, name in CRITERIA) + " |",
