@@ -71,19 +71,24 @@ def test_replication_command(tmp_path, seed0):
     assert missing.exit_code != 0 and "does not exist" in missing.output
 
 
-def test_the_declared_alpha_runs_first_and_the_conditions_do_not_change():
-    """Reordering only: the declared alpha's random sets come first, and the set of conditions (names and
-    steerings) is exactly the sweep's alphas x concepts x sets."""
+def test_the_primary_comparison_is_a_first_stage_and_nothing_is_lost():
+    """Sweeps are trial-major, so the primary comparison (no steering, or the declared alpha on all layers) must be
+    its own first stage to be complete when a run is interrupted; the two stages hold every condition once."""
     from nnsight_vla.neurons import NeuronSet
-    from nnsight_vla.training.experiment import CONCEPTS, ExperimentConfig, build_conditions
+    from nnsight_vla.rollout.conditions import baseline
+    from nnsight_vla.training.experiment import CONCEPTS, ExperimentConfig, build_conditions, primary_first
 
     config = ExperimentConfig(alpha=4.0, sweep=(1.0, 2.0, 8.0), random_sets=3, layer_subsets=("early", "late"))
     sets = {layers: {c: NeuronSet(((1, i), (6, 10 + i)), d_mlp=512, num_layers=8, name=c)
                      for i, c in enumerate(CONCEPTS)} for layers in ("all", "early", "late")}
     main, controls = build_conditions(sets, 1.0, config)
-    alphas = [float(c.name.rsplit("@a", 1)[1].split("/")[0]) for c in controls]
-    assert alphas[:4 * 3] == [4.0] * 12
-    assert sorted(alphas) == sorted([a for a in (1.0, 2.0, 4.0, 8.0) for _ in range(4 * 3)])
-    assert len({c.name for c in controls}) == len(controls) == 4 * 4 * 3
-    names = [c.name for c in main]
-    assert len(set(names)) == len(names) == 1 + 4 + 4 * 4 + 2 * 4
+    first, rest = primary_first(main, config)
+    assert sorted(c.name for c in first) == sorted(["baseline", *(f"prompt:{c}" for c in CONCEPTS),
+                                                    *(f"{c}@a4/all" for c in CONCEPTS)])
+    assert len(rest) == 4 * 3 + 2 * 4 and not {c.name for c in first} & {c.name for c in rest}
+    first, rest = primary_first([baseline()] + controls, config)
+    assert first[0].name == "baseline" and len(first) == 1 + 4 * 3
+    assert all(c.alpha == 4.0 for c in first[1:]) and all(c.alpha != 4.0 for c in rest)
+    assert len(first) + len(rest) == 1 + 4 * 4 * 3
+    short = ExperimentConfig(alpha=4.0, sweep=(), layer_subsets=())  # nothing but the primary comparison
+    assert len(primary_first(build_conditions(sets, 1.0, short)[0], short)) == 1
