@@ -13,6 +13,7 @@ import os
 import platform
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class TrainConfig:
     lora_alpha: int = 32
     text_weight: float = 0.5
     text_batch: int = 32
+    closed_loop_trials: int = 16  # unsteered episodes of the fine-tuned policy after training (closed_loop.py)
     threads: int = 2
     workers: int = 2
     dims: dict = field(default_factory=dict)
@@ -62,7 +64,7 @@ class TrainConfig:
     def quick(cls, seed: int = 0) -> "TrainConfig":
         """A few-minute configuration for development and tests (weak model)."""
         return cls(seed=seed, n_documents=3000, eval_documents=100, phase0_steps=30, phase1_steps=60, phase1b_steps=20,
-                   n_episodes=18, val_episodes=3, phase2_steps=40, max_demo_steps=40)
+                   n_episodes=18, val_episodes=3, phase2_steps=40, max_demo_steps=40, closed_loop_trials=2)
 
 
 def seed_everything(seed: int, threads: int) -> None:
@@ -263,6 +265,19 @@ def train(out: str | os.PathLike, config: TrainConfig, work: str | os.PathLike |
         final["val"] = {**evaluate_actions(model, val), **direction_accuracy(model, val, SCENE_KEY)}
     final["reload"] = {name: _check_reload(folder, model if name == "finetuned" else None)
                        for name, folder in (("base", base_dir), ("finetuned", tuned_dir))}
+    if config.closed_loop_trials:
+        import nnsight_vla as nv
+
+        from .closed_loop import closed_loop_check
+
+        final["closed_loop"] = check = closed_loop_check(nv.load("openvla", str(tuned_dir), dispatch=True),
+                                                         trials=config.closed_loop_trials)
+        record({"phase": "closed loop", **check})
+        if not check["healthy"]:
+            warnings.warn(f"the fine-tuned policy fails the closed-loop check (success {check['success_rate']:.2f}, "
+                          f"median highest point {check['median_max_height_table']:.2f} m above the table; "
+                          f"thresholds {check['thresholds']}): steering results on it say little about the method",
+                          stacklevel=2)
     final["digests"] = {"base": weights_digest(base_dir), "finetuned": weights_digest(tuned_dir)}
     final["sizes_bytes"] = {name: sum(p.stat().st_size for p in folder.iterdir())
                             for name, folder in (("base", base_dir), ("finetuned", tuned_dir))}
