@@ -280,7 +280,9 @@ for figure in plots.plot_all(store, OUT / "plots"):
 # nnsight-vla experiment --out results/trained_vla
 # ```
 #
-# and its measured results on the shipped model, with what passed and what failed, are in `docs/trained_vla/`.
+# and its measured results on the shipped model, with what passed and what failed, are in `docs/trained_vla/`,
+# with the replication on a second training seed (it did not replicate: that seed's policy fails the task in
+# closed loop, and on it α = 4 × p99 moves nothing, while its speed sets act single-step from 16–24 × p99).
 # The same discovery from a shell: `nnsight-vla concepts --source nnsight_vla/data/openvla_small --word fast
 # --opposite slow --control --out neurons/fast.json`.
 
