@@ -33,6 +33,10 @@ def test_a_criterion_holds_only_if_it_holds_on_every_run(seed0):
     other["analysis"]["criteria"]["fast"]["direction_and_size"] = False
     other["analysis"]["criteria"]["fast"]["grows_with_alpha"] = True
     text = replication_markdown({"seed 0": seed0, "seed 1": other})
+    assert "INTERIM" not in text
+    other["complete"] = False
+    text = replication_markdown({"seed 0": seed0, "seed 1": other})
+    assert "**seed 1 is INTERIM**" in text and "seed 0 is INTERIM" not in text
     cells = _row(text, "## Criteria", "fast")
     assert cells[1] == "**no** (seed 0 only)"          # direction and size
     assert cells[2] == "yes"                           # significance: both runs

@@ -129,6 +129,8 @@ def replication_markdown(runs: dict[str, dict]) -> str:
              f"alpha = {cfg['alpha']:g} x per-layer p{cfg['percentile']:g}; {cfg['trials']} paired episodes per "
              f"condition on scene seeds {cfg['seed']}..{cfg['seed'] + cfg['trials'] - 1}. A criterion is met only "
              "if it holds on every run.", "",
+             *[f"**{label} is INTERIM**: not every episode of its experiment has run (see its RESULTS.md)." + "\n"
+               for label, r in runs.items() if not r.get("complete", True)],
              "## Criteria: met on every run?", "",
              "| concept | " + " | ".join(name for _, name in CRITERIA) + " |",
              "|---|" + "---|" * len(CRITERIA)]
