@@ -119,9 +119,10 @@ def primary_first(conditions: list, config: ExperimentConfig) -> list[list]:
     """The conditions in two stages: those of the primary comparison (no steering, or the declared alpha on all
     layers) and the rest. Sweeps are trial-major, so running the stages one after the other is what makes an
     interrupted run hold the primary comparison complete; episodes do not depend on the order."""
-    primary = [c for c in conditions if c.alpha is None or (float(c.alpha) == float(config.alpha)
-                                                            and c.layers in (None, "all"))]
-    rest = [c for c in conditions if c not in primary]
+    primary, rest = [], []
+    for c in conditions:
+        is_primary = c.alpha is None or (float(c.alpha) == float(config.alpha) and c.layers in (None, "all"))
+        (primary if is_primary else rest).append(c)
     return [stage for stage in (primary, rest) if stage]
 
 
