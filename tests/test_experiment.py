@@ -96,3 +96,27 @@ def test_the_primary_comparison_is_a_first_stage_and_nothing_is_lost():
     assert len(first) + len(rest) == 1 + 4 * 4 * 3
     short = ExperimentConfig(alpha=4.0, sweep=(), layer_subsets=())  # nothing but the primary comparison
     assert len(primary_first(build_conditions(sets, 1.0, short)[0], short)) == 1
+
+
+def test_analysing_a_folder_of_another_setup_is_refused(tmp_path):
+    """--analyse-only runs nothing, so it must check itself that the folder's episodes are this experiment's:
+    another environment/model config or another definition of a condition is a clear error; a match counts the
+    episodes present."""
+    from types import SimpleNamespace
+
+    from nnsight_vla.errors import ResultsError
+    from nnsight_vla.rollout.conditions import baseline, prompt_baseline
+    from nnsight_vla.rollout.store import ResultsStore
+    from nnsight_vla.training.experiment import _episodes_present
+
+    env = SimpleNamespace(identity=lambda: {"scene": 1}, episodes=lambda: [("arm_reach", 0), ("arm_reach", 1)])
+    policy = SimpleNamespace(identity=lambda: {"model": "seed 1"})
+    ResultsStore.create(tmp_path, {"scene": 1, "policy": {"model": "seed 1"}},
+                        [baseline().to_dict(), prompt_baseline("fast").to_dict()], kind="arm_scene")
+    report = _episodes_present(tmp_path, env, policy, [baseline(), prompt_baseline("fast")])
+    assert (report["total"], report["skipped"], report["completed"]) == (4, 0, 0)
+    other_model = SimpleNamespace(identity=lambda: {"model": "seed 0"})
+    with pytest.raises(ResultsError, match="another model or setup"):
+        _episodes_present(tmp_path, env, other_model, [baseline()])
+    with pytest.raises(ResultsError, match="another definition"):
+        _episodes_present(tmp_path, env, policy, [prompt_baseline("slow", name="prompt:fast")])
