@@ -25,6 +25,17 @@ def train(
     phase1_steps: Annotated[Optional[int], typer.Option(min=1, help="language pretraining steps")] = None,
     phase2_steps: Annotated[Optional[int], typer.Option(min=1, help="action fine-tuning (LoRA) steps")] = None,
     episodes: Annotated[Optional[int], typer.Option(min=1, help="demonstration episodes")] = None,
+    action_input_noise: Annotated[Optional[float], typer.Option(
+        min=0.0, max=0.99, help="phase 2: chance that each teacher-forced action token in the input is replaced by "
+                                "the same dimension's token of a random other step (labels kept), so the model "
+                                "reads the arm's state from the image rather than from the previous dimension's "
+                                "true token; default 0")] = None,
+    phase2_seed: Annotated[Optional[int], typer.Option(
+        help="phase 2 draws from fresh random streams seeded with this (default: it continues phases 0-1b's), "
+             "which lets a run start from a saved base (--from-base)")] = None,
+    from_base: Annotated[Optional[Path], typer.Option(
+        help="folder of a finished run with the same settings outside phase 2: this run takes its base "
+             "checkpoint and phase 0-1b records instead of training them (needs --phase2-seed)")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars (terminal only) and "
                                            "step records as JSON lines on stdout (also when redirected)")] = True,
 ) -> None:
@@ -33,10 +44,11 @@ def train(
 
     config = TrainConfig.quick(seed) if quick else TrainConfig(seed=seed)
     config.threads, config.workers = threads, workers
-    for name, value in (("phase1_steps", phase1_steps), ("phase2_steps", phase2_steps), ("n_episodes", episodes)):
+    for name, value in (("phase1_steps", phase1_steps), ("phase2_steps", phase2_steps), ("n_episodes", episodes),
+                        ("action_input_noise", action_input_noise), ("phase2_seed", phase2_seed)):
         if value is not None:
             setattr(config, name, value)
-    log = run(out, config, work=work, progress=progress_enabled(progress), records=progress)
+    log = run(out, config, work=work, progress=progress_enabled(progress), records=progress, from_base=from_base)
     typer.echo(json.dumps({"out": str(out), "timings_s": {k: round(v, 1) for k, v in log["timings"].items()},
                            "final": log["final"]}, indent=1, default=float))
 

@@ -24,7 +24,9 @@ class ActionBatches:
     ``prepare`` (prompt and "▁") and image processor."""
 
     def __init__(self, vla, demos: dict, stats: dict, episodes: Sequence[int] | None = None, seed: int = 0,
-                 max_shift: int = 0):
+                 max_shift: int = 0, input_noise: float = 0.0):
+        if not 0.0 <= input_noise < 1.0:
+            raise ValueError(f"input_noise is a probability in [0, 1), got {input_noise}")
         self.vla = vla
         self.images = demos["images"]
         episode_of = demos["episode"]
@@ -43,9 +45,11 @@ class ActionBatches:
             ids, _ = vla.prepare(dummy, text)  # the exact inference prompt, trailing "▁" included
             prompts[text] = ids[0].numpy()
         self.prompt_of_step = [prompts[instructions[e]] for e in episode_of]
+        self.instruction_of_step = [instructions[e] for e in episode_of]
         self.eos = eos
         self.rng = np.random.default_rng(seed)
         self.max_shift = int(max_shift)
+        self.input_noise = float(input_noise)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -53,8 +57,13 @@ class ActionBatches:
     def batch(self, size: int, rows: Sequence[int] | None = None):
         """(input_ids (B, T), pixel_values (B, 6, H, W), labels (B, T)); ``rows`` index the selected steps.
         Random batches are augmented with a random shift of up to ``max_shift`` pixels (OpenVLA augments with
-        random crops); explicit ``rows`` (evaluation) are not."""
-        augment = rows is None and self.max_shift > 0
+        random crops) and, with ``input_noise`` > 0, each teacher-forced action token in the *input* is replaced
+        with that probability by the same dimension's token of another random step (the labels stay): the
+        dimensions of a step are strongly correlated, so under pure teacher forcing a model can read the arm's
+        phase from the previous dimension's true token instead of the image, a cue it does not have when it
+        decodes its own tokens. Donors from the data keep a replaced token plausible, so it cannot be told apart.
+        Explicit ``rows`` (evaluation) are not augmented."""
+        augment = rows is None
         if rows is None:
             rows = self.rng.integers(len(self.index), size=size)
         steps = self.index[np.asarray(rows)]
@@ -62,10 +71,16 @@ class ActionBatches:
         for i in steps:
             prompt = self.prompt_of_step[i]
             target = np.concatenate([self.targets[i], [self.eos]])
-            seqs.append(np.concatenate([prompt, target]))
+            given = target
+            if augment and self.input_noise > 0:
+                swap = self.rng.random(N_ACTION) < self.input_noise
+                donors = self.index[self.rng.integers(len(self.index), size=N_ACTION)]
+                given = target.copy()
+                given[:N_ACTION][swap] = self.targets[donors, np.arange(N_ACTION)][swap]
+            seqs.append(np.concatenate([prompt, given]))
             labels.append(np.concatenate([np.full(len(prompt), IGNORE), target]))
         ids, lab = pad_batch(seqs, labels, self.pad)
-        if augment:
+        if augment and self.max_shift > 0:
             from .vqa import shift_image
 
             images = [shift_image(self.images[i], self.rng, self.max_shift) for i in steps]
@@ -148,6 +163,31 @@ def direction_accuracy(model: nn.Module, data: ActionBatches, key: str, max_rows
                     agree[dim].append(np.sign(a[dim]) == np.sign(b[dim]))
     return {"dy_sign_accuracy": float(np.mean(agree[1])) if agree[1] else float("nan"),
             "dz_sign_accuracy": float(np.mean(agree[2])) if agree[2] else float("nan")}
+
+
+@torch.no_grad()
+def free_running_accuracy(data: ActionBatches, key: str, max_rows: int = 96, min_action: float = 0.1) -> dict:
+    """The policy as it acts: ``predict_action`` (each token decoded after the model's own previous ones) on
+    (up to ``max_rows``) steps, against the demonstrated (binned) action: sign agreement of dy and dz where the
+    demonstrated component exceeds ``min_action``, and the mean |error| of dx, dy, dz. Teacher-forced scores
+    (:func:`evaluate_actions`, :func:`direction_accuracy`) feed the true earlier tokens and can hide a policy
+    that reads its state from them."""
+    vla = data.vla
+    rows = np.linspace(0, len(data) - 1, min(len(data), max_rows)).astype(int)
+    agree: dict[int, list] = {1: [], 2: []}
+    errors = []
+    for row in rows:
+        step = data.index[row]
+        acted = np.asarray(vla.predict_action(data.images[step], data.instruction_of_step[step],
+                                              unnorm_key=key, restrict_to_action_tokens=True)).ravel()
+        shown = vla.bins.decode(data.targets[step], key)
+        errors.append(np.abs(acted[:3] - shown[:3]))
+        for dim in (1, 2):
+            if abs(shown[dim]) > min_action:
+                agree[dim].append(np.sign(acted[dim]) == np.sign(shown[dim]))
+    return {"free_dy_sign_accuracy": float(np.mean(agree[1])) if agree[1] else float("nan"),
+            "free_dz_sign_accuracy": float(np.mean(agree[2])) if agree[2] else float("nan"),
+            "free_xyz_abs_error": [float(x) for x in np.mean(errors, axis=0)]}
 
 
 def train_actions(

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -56,6 +57,8 @@ class TrainConfig:
     text_weight: float = 0.5
     text_batch: int = 32
     closed_loop_trials: int = 16  # unsteered episodes of the fine-tuned policy after training (closed_loop.py)
+    action_input_noise: float = 0.0  # phase 2: chance that a teacher-forced input action token is another step's
+    phase2_seed: int | None = None  # None: phase 2 continues phases 0-1b's random streams; an int: fresh ones
     threads: int = 2
     workers: int = 2
     dims: dict = field(default_factory=dict)
@@ -65,6 +68,12 @@ class TrainConfig:
         """A few-minute configuration for development and tests (weak model)."""
         return cls(seed=seed, n_documents=3000, eval_documents=100, phase0_steps=30, phase1_steps=60, phase1b_steps=20,
                    n_episodes=18, val_episodes=3, phase2_steps=40, max_demo_steps=40, closed_loop_trials=2)
+
+
+#: the fields that act in phase 2 only: a run that differs from a saved one in these alone can start from its base
+PHASE2_FIELDS = ("phase2_steps", "phase2_batch", "phase2_lr", "lora_rank", "lora_alpha", "vqa_weight",
+                 "restrict_action_softmax", "action_input_noise", "phase2_seed", "closed_loop_trials", "threads",
+                 "workers")
 
 
 def seed_everything(seed: int, threads: int) -> None:
@@ -136,12 +145,41 @@ def demonstrations(config: TrainConfig, image_size: int, work: str | os.PathLike
     return plans, demos, cache
 
 
+def check_base_run(folder: str | os.PathLike, config: TrainConfig) -> dict:
+    """The log of the finished run in ``folder`` whose base ``config`` may start from: it must have a
+    ``phase2_seed`` (phase 2 then draws only from fresh streams, so starting from the saved base gives what the
+    whole run gives), agree with the saved run in every field outside :data:`PHASE2_FIELDS`, and the saved
+    base must still have the digest its log recorded."""
+    from ..errors import InputError
+
+    folder = Path(folder)
+    if config.phase2_seed is None:
+        raise InputError("starting from a saved base needs --phase2-seed: without it phase 2 continues the random "
+                         "streams of phases 0-1b, which a restart cannot reproduce")
+    log_path, base = folder / "training_log.json", folder / BASE_NAME
+    if not log_path.is_file() or not base.is_dir():
+        raise InputError(f"{folder} holds no finished training run ({log_path.name} and {BASE_NAME}/ expected)")
+    saved = json.loads(log_path.read_text())
+    mine = asdict(config)
+    differ = sorted(k for k in mine if k not in PHASE2_FIELDS and saved["config"].get(k, mine[k]) != mine[k])
+    if differ:
+        raise InputError(f"the run in {folder} differs from this one outside phase 2 ({', '.join(differ)}); "
+                         "its base is not this run's base")
+    digest = weights_digest(base)
+    if digest != saved["final"]["digests"]["base"]:
+        raise InputError(f"{base} changed since its run wrote it (digest {digest[:12]}, logged "
+                         f"{saved['final']['digests']['base'][:12]})")
+    return saved
+
+
 def train(out: str | os.PathLike, config: TrainConfig, work: str | os.PathLike | None = None,
-          progress: bool = True, records: bool | None = None) -> dict:
+          progress: bool = True, records: bool | None = None, from_base: str | os.PathLike | None = None) -> dict:
     """Run the whole training (see the module docstring); returns the log written to ``<out>/training_log.json``.
 
     ``progress`` shows progress bars; ``records`` (default: as ``progress``) prints each step record as a JSON
-    line on stdout, so a run redirected to a file still shows where it is."""
+    line on stdout, so a run redirected to a file still shows where it is. ``from_base``: the folder of a
+    finished run to take phases 0-1b from (its base checkpoint and records; see :func:`check_base_run`), for
+    recipe changes that act in phase 2 only: the result is the one the whole run would give."""
     echo = progress if records is None else records
     import torch
 
@@ -149,7 +187,8 @@ def train(out: str | os.PathLike, config: TrainConfig, work: str | os.PathLike |
     from .actions import dataset_statistics
     from .corpus import (LEVELS, PHRASE_SETS, SPEED_LEVELS, STEERED_CONCEPTS, all_concept_words, check_demo_phrases,
                          check_prompt_words, check_single_tokens, generate_corpus, task_instruction, tokenizer_corpus)
-    from .finetune import ActionBatches, direction_accuracy, evaluate_actions, train_actions
+    from .finetune import (ActionBatches, direction_accuracy, evaluate_actions, free_running_accuracy,
+                           train_actions)
     from .language import TextBatches, evaluate_lm, manner_accuracy, train_language
     from .lora import LoraSettings, attach_lora, merge_lora, trainable_count
     from .model import ModelDims, build_vla, parameter_count, set_norm_stats
@@ -196,7 +235,7 @@ def train(out: str | os.PathLike, config: TrainConfig, work: str | os.PathLike |
                     "cache": str(cache)}
     stats = dataset_statistics(demos["actions"], len(plans))
 
-    # 3. phase 0: vision (the featurizers learn to localise gripper and target)
+    # 3. the model; the phase-0 split of the episodes
     torch.manual_seed(config.seed)
     vla = build_vla(dims, tokenizer, seed=config.seed)
     set_norm_stats(vla, SCENE_KEY, stats)
@@ -209,38 +248,64 @@ def train(out: str | os.PathLike, config: TrainConfig, work: str | os.PathLike |
     train_eps = episodes[: len(episodes) - len(val_eps)]
     train_rows = np.nonzero(np.isin(demos["episode"], train_eps))[0]
     val_rows = np.nonzero(np.isin(demos["episode"], val_eps))[0]
-    t0 = time.perf_counter()
-    train_vision(vla, demos, config.phase0_steps, train_rows, batch_size=config.phase0_batch, lr=config.phase0_lr,
-                 seed=config.seed, log=record, progress=progress, val_rows=val_rows)
-    log["timings"]["phase0_s"] = time.perf_counter() - t0
-
-    # 4. phase 1: language
     eval_docs, train_docs = documents[: config.eval_documents], documents[config.eval_documents:]
     text = TextBatches(tokenizer, train_docs, seed=config.seed)
     text_eval = TextBatches(tokenizer, eval_docs, seed=config.seed).batch(0, np.arange(len(eval_docs)))
-    t0 = time.perf_counter()
-    train_language(model.language_model, text, config.phase1_steps, batch_size=config.phase1_batch,
-                   lr=config.phase1_lr, log=record, eval_batches=text_eval, progress=progress)
-    log["timings"]["phase1_s"] = time.perf_counter() - t0
-    record({"phase": 1, "manner_accuracy": manner_accuracy(model.language_model, tokenizer, seed=config.seed)})
-
-    # 4b. phase 1b: grounding questions on the scene's frames (the VLM stage), language batches mixed in
-    t0 = time.perf_counter()
     vqa_train = VQABatches(vla, demos, train_rows, seed=config.seed, max_shift=config.image_shift)
     vqa_val_rows = val_rows[np.linspace(0, len(val_rows) - 1, min(len(val_rows), 256)).astype(int)]
-    train_actions(model, vqa_train, config.phase1b_steps, text=text, batch_size=config.phase2_batch,
-                  text_batch_size=config.text_batch, text_weight=config.text_weight, lr=config.phase1b_lr,
-                  log=record, text_eval=text_eval, progress=progress, phase="1b", desc="phase 1b (grounding)",
-                  evaluate=lambda m: {"vqa_accuracy": vqa_accuracy(m, vqa_train, vqa_val_rows)}, eval_every=250)
-    log["timings"]["phase1b_s"] = time.perf_counter() - t0
     base_dir = out / BASE_NAME
-    vla.save_pretrained(base_dir)
+
+    if from_base is None:
+        # 4. phase 0: vision (the featurizers learn to localise gripper and target)
+        t0 = time.perf_counter()
+        train_vision(vla, demos, config.phase0_steps, train_rows, batch_size=config.phase0_batch,
+                     lr=config.phase0_lr, seed=config.seed, log=record, progress=progress, val_rows=val_rows)
+        log["timings"]["phase0_s"] = time.perf_counter() - t0
+
+        # 5. phase 1: language
+        t0 = time.perf_counter()
+        train_language(model.language_model, text, config.phase1_steps, batch_size=config.phase1_batch,
+                       lr=config.phase1_lr, log=record, eval_batches=text_eval, progress=progress)
+        log["timings"]["phase1_s"] = time.perf_counter() - t0
+        record({"phase": 1, "manner_accuracy": manner_accuracy(model.language_model, tokenizer, seed=config.seed)})
+
+        # 5b. phase 1b: grounding questions on the scene's frames (the VLM stage), language batches mixed in
+        t0 = time.perf_counter()
+        train_actions(model, vqa_train, config.phase1b_steps, text=text, batch_size=config.phase2_batch,
+                      text_batch_size=config.text_batch, text_weight=config.text_weight, lr=config.phase1b_lr,
+                      log=record, text_eval=text_eval, progress=progress, phase="1b", desc="phase 1b (grounding)",
+                      evaluate=lambda m: {"vqa_accuracy": vqa_accuracy(m, vqa_train, vqa_val_rows)}, eval_every=250)
+        log["timings"]["phase1b_s"] = time.perf_counter() - t0
+        vla.save_pretrained(base_dir)
+    else:
+        # 4-5b. phases 0-1b as a finished run did them: its base weights, records and timings
+        saved = check_base_run(from_base, config)
+        source = Path(from_base) / BASE_NAME
+        if source.resolve() != base_dir.resolve():
+            shutil.copytree(source, base_dir, dirs_exist_ok=True)
+        log["from_base"] = {"folder": str(Path(from_base).resolve()), "digest": saved["final"]["digests"]["base"]}
+        for entry in saved["records"]:
+            if entry.get("phase") in (0, 1, "1b"):
+                record(entry)
+        for key in ("phase0_s", "phase1_s", "phase1b_s"):
+            log["timings"][key] = saved["timings"][key]
 
     log["manner_accuracy"] = {"base": manner_accuracy(model.language_model, tokenizer, seed=config.seed)}
     record({"phase": "1b", "manner_accuracy": log["manner_accuracy"]["base"]})
 
-    # 5. phase 2: actions (+ language): LoRA on the Llama, action-token rows, vision and projector in full
-    data = ActionBatches(vla, demos, stats, episodes=train_eps, seed=config.seed, max_shift=config.image_shift)
+    # 6. phase 2: actions (+ language): LoRA on the Llama, action-token rows, vision and projector in full
+    action_seed = config.seed
+    if config.phase2_seed is not None:
+        # phase 2 then depends on the saved base and the config only: it starts from the checkpoint as written
+        # (the save drops the trained class-token position row, which the published layout does not have) and
+        # draws from fresh random streams
+        _load_base_weights(model, base_dir)
+        torch.manual_seed(config.phase2_seed)
+        action_seed = [config.phase2_seed, 0]
+        text.rng = np.random.default_rng([config.phase2_seed, 1])
+        vqa_train.reseed([config.phase2_seed, 2])
+    data = ActionBatches(vla, demos, stats, episodes=train_eps, seed=action_seed, max_shift=config.image_shift,
+                         input_noise=config.action_input_noise)
     val = ActionBatches(vla, demos, stats, episodes=val_eps, seed=config.seed) if len(val_eps) else None
     t0 = time.perf_counter()
     peft_model = attach_lora(model, vla.action_token_ids, LoraSettings(config.lora_rank, config.lora_alpha))
@@ -262,16 +327,15 @@ def train(out: str | os.PathLike, config: TrainConfig, work: str | os.PathLike |
     # 6. reload through the real loader and check
     final = {"text_eval_loss": evaluate_lm(model.language_model, *text_eval)}
     if val is not None:
-        final["val"] = {**evaluate_actions(model, val), **direction_accuracy(model, val, SCENE_KEY)}
-    final["reload"] = {name: _check_reload(folder, model if name == "finetuned" else None)
-                       for name, folder in (("base", base_dir), ("finetuned", tuned_dir))}
+        final["val"] = {**evaluate_actions(model, val), **direction_accuracy(model, val, SCENE_KEY),
+                        **free_running_accuracy(val, SCENE_KEY)}
+    final["reload"], reloaded = {}, {}
+    for name, folder in (("base", base_dir), ("finetuned", tuned_dir)):
+        final["reload"][name], reloaded[name] = _check_reload(folder, model if name == "finetuned" else None)
     if config.closed_loop_trials:
-        import nnsight_vla as nv
-
         from .closed_loop import closed_loop_check
 
-        final["closed_loop"] = check = closed_loop_check(nv.load("openvla", str(tuned_dir), dispatch=True),
-                                                         trials=config.closed_loop_trials)
+        final["closed_loop"] = check = closed_loop_check(reloaded["finetuned"], trials=config.closed_loop_trials)
         record({"phase": "closed loop", **check})
         if not check["healthy"]:
             warnings.warn(f"the fine-tuned policy fails the closed-loop check (success {check['success_rate']:.2f}, "
@@ -289,8 +353,19 @@ def train(out: str | os.PathLike, config: TrainConfig, work: str | os.PathLike |
     return log
 
 
-def _check_reload(folder: Path, model=None) -> dict:
-    """Load ``folder`` with ``nv.load`` and (for the in-memory model) compare logits on one input."""
+def _load_base_weights(model, folder: Path) -> None:
+    """Copy the weights of the checkpoint ``folder`` (read with the real loader) into ``model``, strictly, and
+    drop earlier phases' gradients (the phase-2 loop clips the norm over all parameters, frozen ones included,
+    so a stale gradient would shrink every update)."""
+    import nnsight_vla as nv
+
+    model.load_state_dict(nv.load("openvla", str(folder), dispatch=True)._module.state_dict(), strict=True)
+    model.zero_grad(set_to_none=True)
+
+
+def _check_reload(folder: Path, model=None) -> tuple[dict, object]:
+    """Load ``folder`` with ``nv.load`` and (for the in-memory model) compare logits on one input; returns that
+    comparison and the loaded model."""
     import torch
 
     import nnsight_vla as nv
@@ -304,4 +379,4 @@ def _check_reload(folder: Path, model=None) -> dict:
             a = vla._module(input_ids=ids, pixel_values=pixels).logits
             b = model(input_ids=ids, pixel_values=pixels).logits
         info["max_logit_diff"] = float((a - b).abs().max())
-    return info
+    return info, vla

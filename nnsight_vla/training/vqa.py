@@ -62,6 +62,11 @@ class VQABatches:
         self.rng = np.random.default_rng(seed)
         self.max_shift = max_shift
 
+    def reseed(self, seed) -> None:
+        """Draw the following batches from a fresh generator seeded with ``seed``."""
+        self._manner_rng = np.random.default_rng([*np.atleast_1d(seed).tolist(), 4242])
+        self.rng = np.random.default_rng(seed)
+
     def _manner(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         from .corpus import LEVELS, PHRASE_SETS, SPEED_LEVELS, manner_question, task_instruction
 
