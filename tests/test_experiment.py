@@ -109,7 +109,8 @@ def test_analysing_a_folder_of_another_setup_is_refused(tmp_path):
     from nnsight_vla.rollout.store import ResultsStore
     from nnsight_vla.training.experiment import _episodes_present
 
-    env = SimpleNamespace(identity=lambda: {"scene": 1}, episodes=lambda: [("arm_reach", 0), ("arm_reach", 1)])
+    env = SimpleNamespace(kind="arm_scene", identity=lambda: {"scene": 1},
+                          episodes=lambda: [("arm_reach", 0), ("arm_reach", 1)])
     policy = SimpleNamespace(identity=lambda: {"model": "seed 1"})
     ResultsStore.create(tmp_path, {"scene": 1, "policy": {"model": "seed 1"}},
                         [baseline().to_dict(), prompt_baseline("fast").to_dict()], kind="arm_scene")
@@ -118,5 +119,7 @@ def test_analysing_a_folder_of_another_setup_is_refused(tmp_path):
     other_model = SimpleNamespace(identity=lambda: {"model": "seed 0"})
     with pytest.raises(ResultsError, match="another model or setup"):
         _episodes_present(tmp_path, env, other_model, [baseline()])
+    with pytest.raises(ResultsError, match="another model or setup"):
+        _episodes_present(tmp_path, SimpleNamespace(**{**vars(env), "kind": "libero"}), policy, [baseline()])
     with pytest.raises(ResultsError, match="another definition"):
         _episodes_present(tmp_path, env, policy, [prompt_baseline("slow", name="prompt:fast")])

@@ -131,14 +131,7 @@ class ResultsStore:
         manifest_path = store.root / "manifest.json"
         if manifest_path.is_file():
             manifest = store.manifest
-            problems = []
-            if manifest.get("kind") != kind:
-                problems.append(f"kind: {manifest.get('kind')!r} in the folder, {kind!r} now")
-            problems.extend(_diff(manifest.get("config", {}), config))
-            for name, cdict in cond_dicts.items():
-                old = manifest.get("conditions", {}).get(name)
-                if old is not None and old != cdict:
-                    problems.extend(f"condition {name!r}: " + d for d in _diff(old, cdict))
+            problems = store.mismatches(config, conditions, kind=kind)
             if problems:
                 raise ConfigMismatchError(
                     f"results folder {store.root} was made with a different config; refusing to mix episodes "
@@ -168,6 +161,21 @@ class ResultsStore:
         store._manifest = manifest
         return store
 
+    def mismatches(self, config: Mapping, conditions: Sequence[Mapping] = (), *,
+                   kind: str = "episodes") -> list[str]:
+        """What differs between this folder's manifest and a run of ``config`` / ``conditions`` / ``kind``
+        (empty: its episodes belong to that run; read-only). Condition entries start with ``condition``."""
+        manifest = self.manifest
+        problems = []
+        if manifest.get("kind") != kind:
+            problems.append(f"kind: {manifest.get('kind')!r} in the folder, {kind!r} now")
+        problems.extend(_diff(manifest.get("config", {}), jsonable(dict(config))))
+        for c in conditions:
+            cdict = jsonable(dict(c))
+            old = manifest.get("conditions", {}).get(cdict["name"])
+            if old is not None and old != cdict:
+                problems.extend(f"condition {cdict['name']!r}: " + d for d in _diff(old, cdict))
+        return problems
     def check_usable(self) -> None:
         """Raise unless the folder can be written and is new, empty, or already an nnsight-vla results folder."""
         self._check_writable()

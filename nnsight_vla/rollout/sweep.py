@@ -176,8 +176,13 @@ def run_sweep(
         env.close()
 
 
+def sweep_identity(env, policy) -> dict:
+    """What defines the episodes of ``env`` run with ``policy`` (a results folder's manifest ``config``)."""
+    return {**env.identity(), "policy": policy_identity(policy)}
+
+
 def _sweep(env, policy, conditions, results, executor, progress, on_episode, run_info) -> SweepReport:
-    identity = {**env.identity(), "policy": policy_identity(policy)}
+    identity = sweep_identity(env, policy)
     jobs = sweep_jobs(env, conditions)
     info = {"episodes": len(jobs), "executor": executor.describe(), "conditions": [c.name for c in conditions],
             **dict(run_info or {})}

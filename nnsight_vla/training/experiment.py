@@ -311,22 +311,17 @@ def _episodes_present(folder: Path, env, policy, conditions: list) -> dict:
     """Without running anything: check that ``folder`` holds episodes of this environment, policy and these
     conditions, and count how many of this stage's episodes are there (a sweep report with nothing run)."""
     from ..errors import ResultsError
-    from ..rollout.policy import policy_identity
-    from ..rollout.records import jsonable
     from ..rollout.store import ResultsStore
-    from ..rollout.sweep import sweep_jobs
+    from ..rollout.sweep import sweep_identity, sweep_jobs
 
     store = ResultsStore.open(folder)
     store.check()
-    manifest = store.manifest
-    expected = jsonable({**env.identity(), "policy": policy_identity(policy)})
-    if manifest.get("config") != expected:
-        raise ResultsError(f"{folder} holds episodes of another model or setup than this experiment's; "
-                           "analyse it with the settings it was run with")
-    for c in conditions:
-        old = manifest.get("conditions", {}).get(c.name)
-        if old is not None and old != jsonable(c.to_dict()):
-            raise ResultsError(f"{folder}: condition {c.name!r} was run with another definition")
+    problems = store.mismatches(sweep_identity(env, policy), [c.to_dict() for c in conditions], kind=env.kind)
+    if any(not p.startswith("condition") for p in problems):
+        raise ResultsError(f"{folder} holds episodes of another model or setup than this experiment's "
+                           f"({'; '.join(problems)}); analyse it with the settings it was run with")
+    if problems:
+        raise ResultsError(f"{folder}: a condition was run with another definition ({'; '.join(problems)})")
     jobs = sweep_jobs(env, conditions)
     complete = store.completed()
     present = sum(job.key.id in complete for job in jobs)
