@@ -251,15 +251,14 @@ def run_experiment(out: str | os.PathLike, config: ExperimentConfig, progress: b
     executor = Inline() if config.workers <= 1 else Processes(config.workers)
     from ..rollout.conditions import baseline
 
-    stages = []  # (conditions, trials, folder): the primary comparison of both folders first
-    for i, (conds, trials, folder) in enumerate(((main, config.trials, "episodes"),
-                                                 (controls, config.random_trials, "episodes_random"))):
-        if conds and folder == "episodes_random":  # the random sets' paired reference: the same trials unsteered
-            conds = [baseline()] + list(conds)
-        for rank, stage in enumerate(primary_first(list(conds), config)):
-            stages.append((rank, i, stage, trials, folder))
+    folders = [(list(main), config.trials, "episodes")]
+    if controls:  # the random sets' paired reference: the same trials unsteered
+        folders.append(([baseline()] + list(controls), config.random_trials, "episodes_random"))
+    staged = [(primary_first(conds, config), trials, folder) for conds, trials, folder in folders]
+    stages = [(parts[0], trials, folder) for parts, trials, folder in staged]  # both primary comparisons first
+    stages += [(parts[1], trials, folder) for parts, trials, folder in staged if len(parts) > 1]
     reports: dict = {}
-    for _, _, conds, trials, folder in sorted(stages, key=lambda s: (s[0], s[1])):
+    for conds, trials, folder in stages:
         rollout = ArmRolloutConfig(instructions=TASK_BASES, trials=trials, max_steps=config.max_steps,
                                    seed=config.seed, image_size=image_size)
         env = ArmSceneEnv(rollout)
