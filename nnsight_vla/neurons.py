@@ -14,6 +14,7 @@ d_mlp 16384); :meth:`NeuronSet.save_authors` writes our sets in the same format.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -421,3 +422,91 @@ def random_like(reference: NeuronSet, seed: int = 0, exclude: Iterable[tuple[int
         pairs += [(layer, int(n)) for n in rng.choice(pool, size=len(neurons), replace=False)]
     return reference._replace(tuple(pairs), name=f"random_like({reference.name})",
                               meta={"control": "random", "seed": seed, "reference": reference.name})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# neuron files and the forms a set is given in
+
+
+def load_neurons(path: str | os.PathLike, key: str | None = None, d_mlp: int | None = None,
+                 stack: str = "backbone") -> NeuronSet:
+    """Read a neuron set from a YAML/JSON file (:meth:`NeuronSet.load`), checked to be for ``stack``.
+
+    Accepted layouts: :meth:`NeuronSet.save`'s (``pairs``); flat indices under ``neurons`` with ``d_mlp``; a bare
+    list of flat indices ``layer * d_mlp + i``; the authors' dictionaries ``{name: {flat_index: [top tokens]}}``
+    (OpenVLA) or ``{name: [flat, ...]}`` (pi0-FAST), one entry picked with ``key=`` (optional when the file holds
+    one non-empty entry). Flat indices need ``d_mlp=`` (11008 for OpenVLA-7B, 16384 for pi0-FAST).
+    """
+    neurons = NeuronSet.load(path, d_mlp=d_mlp, key=key, stack=stack)
+    if neurons.stack != stack:
+        _stack_mismatch(neurons, stack, f"the set in {path}")
+    return neurons
+
+
+def export_neurons(neurons: Any, path: str | os.PathLike, name: str | None = None, *, lens: Any = None,
+                   k: int | None = None, as_list: bool = False) -> Path:
+    """Write a neuron set (or a :class:`Steering`'s) as entry ``name`` of an authors'-format ``dictionaries.yaml``
+    (``{name: {flat: [top tokens]}}``; other entries kept). Tokens: each vector's top-``k`` from ``lens`` (a
+    :class:`~nnsight_vla.lens.ValueVectorLens` of the same model) when given, else the lens tokens in the set's
+    meta. ``as_list``: the pi0-FAST layout ``{name: [flat, ...]}``."""
+    neurons = getattr(neurons, "neurons", neurons)
+    if not isinstance(neurons, NeuronSet):
+        raise InputError(f"export_neurons needs a NeuronSet or a Steering, got {type(neurons).__name__}")
+    tokens = None
+    if lens is not None:
+        if (lens.d_mlp, lens.stack) != (neurons.d_mlp, neurons.stack):
+            raise InputError(f"the lens is of a {lens.stack} stack with d_mlp={lens.d_mlp}; the set "
+                             f"{neurons.name!r} is for the {neurons.stack} stack with d_mlp={neurons.d_mlp}")
+        tokens = lambda layer, neuron: lens.vector_tokens(layer, neuron, k)  # noqa: E731
+    return neurons.save_authors(path, name, tokens=tokens, as_list=as_list)
+
+
+def _stack_mismatch(neurons: NeuronSet, stack: str, what: str) -> None:
+    raise InputError(
+        f"{what} is for the {neurons.stack!r} stack, but stack={stack!r} was asked for; a set made for one stack "
+        "cannot steer another (build one Steering per stack, and combine them with SteeringGroup)"
+    )
+
+
+def as_neuron_set(neurons: Any, stack: str | None = None, key: str | None = None,
+                  d_mlp: int | None = None) -> NeuronSet:
+    """What a :class:`~nnsight_vla.steering.Steering` accepts as its neurons, as a :class:`NeuronSet` of
+    ``stack``: a set, a file (:func:`load_neurons`), a dict of :meth:`NeuronSet.to_dict`'s form, or (layer,
+    neuron) pairs."""
+    if isinstance(neurons, NeuronSet):
+        if stack is not None and stack != neurons.stack:
+            _stack_mismatch(neurons, stack, f"neuron set {neurons.name!r}")
+        if d_mlp is not None and neurons.d_mlp is not None and int(d_mlp) != neurons.d_mlp:
+            raise InputError(f"neuron set {neurons.name!r} was made for d_mlp={neurons.d_mlp}, not {d_mlp}")
+        return neurons
+    stack = stack or "backbone"
+    if stack not in STACKS:
+        raise InputError(f"unknown stack {stack!r}; use one of {STACKS}")
+    if isinstance(neurons, (str, os.PathLike)):
+        return load_neurons(neurons, key=key, d_mlp=d_mlp, stack=stack)
+    if isinstance(neurons, Mapping):
+        data = dict(neurons)
+        if "pairs" not in data and d_mlp is not None:
+            data.setdefault("d_mlp", d_mlp)
+        result = NeuronSet.from_dict(data)
+        if result.stack != stack:
+            _stack_mismatch(result, stack, "the neuron set")
+        return result
+    if isinstance(neurons, Iterable):
+        pairs = []
+        for item in neurons:
+            try:
+                layer, neuron = item
+            except (TypeError, ValueError):
+                raise InputError(
+                    f"neurons must be (layer, neuron) pairs, a NeuronSet or a file path; got the item {item!r}"
+                ) from None
+            if not (_is_index(layer) and _is_index(neuron)):
+                raise InputError(f"a neuron is a pair of ints (layer, neuron), got {item!r}")
+            pairs.append((int(layer), int(neuron)))
+        return NeuronSet(tuple(pairs), stack=stack, d_mlp=None if d_mlp is None else int(d_mlp))
+    raise InputError(f"neurons must be a NeuronSet, (layer, neuron) pairs or a file path, got {type(neurons).__name__}")
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # not a digit string, unlike _is_int

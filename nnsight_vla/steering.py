@@ -40,8 +40,6 @@ import contextlib
 import json
 import math
 import numbers
-import os
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -49,7 +47,8 @@ import torch
 from .edits import (SCOPES, AppliedSteering, Op, StackPlan, check_vla, edit_in_trace, edit_step, forward_count,
                     install, pinned_activations, write)
 from .errors import IndexOutOfRangeError, InputError
-from .neurons import STACKS, NeuronSet, layer_subset, random_like
+from .neurons import (STACKS, NeuronSet, as_neuron_set, export_neurons, layer_subset, load_neurons,
+                      random_like)
 
 MODES = ("overwrite", "add")
 #: the largest |value| a steering may write or add (raw, after the unit): far above any useful value (the paper
@@ -83,86 +82,6 @@ def prompt_baseline(instruction: str, word: str, template: str = PROMPT_TEMPLATE
         raise InputError(
             f"bad prompt template {template!r} (only {{instruction}} and {{word}} are allowed): {error}"
         ) from None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# neuron files
-
-
-def load_neurons(path: str | os.PathLike, key: str | None = None, d_mlp: int | None = None,
-                 stack: str = "backbone") -> NeuronSet:
-    """Read a neuron set from a YAML/JSON file (:meth:`NeuronSet.load`), checked to be for ``stack``.
-
-    Accepted layouts: :meth:`NeuronSet.save`'s (``pairs``); flat indices under ``neurons`` with ``d_mlp``; a bare
-    list of flat indices ``layer * d_mlp + i``; the authors' dictionaries ``{name: {flat_index: [top tokens]}}``
-    (OpenVLA) or ``{name: [flat, ...]}`` (pi0-FAST), one entry picked with ``key=`` (optional when the file holds
-    one non-empty entry). Flat indices need ``d_mlp=`` (11008 for OpenVLA-7B, 16384 for pi0-FAST).
-    """
-    neurons = NeuronSet.load(path, d_mlp=d_mlp, key=key, stack=stack)
-    if neurons.stack != stack:
-        _stack_mismatch(neurons, stack, f"the set in {path}")
-    return neurons
-
-
-def export_neurons(neurons: Any, path: str | os.PathLike, name: str | None = None, *, lens: Any = None,
-                   k: int | None = None, as_list: bool = False) -> Path:
-    """Write a neuron set (or a :class:`Steering`'s) as entry ``name`` of an authors'-format ``dictionaries.yaml``
-    (``{name: {flat: [top tokens]}}``; other entries kept). Tokens: each vector's top-``k`` from ``lens`` (a
-    :class:`~nnsight_vla.lens.ValueVectorLens` of the same model) when given, else the lens tokens in the set's
-    meta. ``as_list``: the pi0-FAST layout ``{name: [flat, ...]}``."""
-    neurons = getattr(neurons, "neurons", neurons)
-    if not isinstance(neurons, NeuronSet):
-        raise InputError(f"export_neurons needs a NeuronSet or a Steering, got {type(neurons).__name__}")
-    tokens = None
-    if lens is not None:
-        if (lens.d_mlp, lens.stack) != (neurons.d_mlp, neurons.stack):
-            raise InputError(f"the lens is of a {lens.stack} stack with d_mlp={lens.d_mlp}; the set "
-                             f"{neurons.name!r} is for the {neurons.stack} stack with d_mlp={neurons.d_mlp}")
-        tokens = lambda layer, neuron: lens.vector_tokens(layer, neuron, k)  # noqa: E731
-    return neurons.save_authors(path, name, tokens=tokens, as_list=as_list)
-
-
-def _stack_mismatch(neurons: NeuronSet, stack: str, what: str) -> None:
-    raise InputError(
-        f"{what} is for the {neurons.stack!r} stack, but stack={stack!r} was asked for; a set made for one stack "
-        "cannot steer another (build one Steering per stack, and combine them with SteeringGroup)"
-    )
-
-
-def _as_neuron_set(neurons: Any, stack: str | None, key: str | None, d_mlp: int | None) -> NeuronSet:
-    if isinstance(neurons, NeuronSet):
-        if stack is not None and stack != neurons.stack:
-            _stack_mismatch(neurons, stack, f"neuron set {neurons.name!r}")
-        if d_mlp is not None and neurons.d_mlp is not None and int(d_mlp) != neurons.d_mlp:
-            raise InputError(f"neuron set {neurons.name!r} was made for d_mlp={neurons.d_mlp}, not {d_mlp}")
-        return neurons
-    stack = stack or "backbone"
-    if stack not in STACKS:
-        raise InputError(f"unknown stack {stack!r}; use one of {STACKS}")
-    if isinstance(neurons, (str, os.PathLike)):
-        return load_neurons(neurons, key=key, d_mlp=d_mlp, stack=stack)
-    if isinstance(neurons, Mapping):
-        data = dict(neurons)
-        if "pairs" not in data and d_mlp is not None:
-            data.setdefault("d_mlp", d_mlp)
-        result = NeuronSet.from_dict(data)
-        if result.stack != stack:
-            _stack_mismatch(result, stack, "the neuron set")
-        return result
-    if isinstance(neurons, Iterable):
-        pairs = []
-        for item in neurons:
-            try:
-                layer, neuron = item
-            except (TypeError, ValueError):
-                raise InputError(
-                    f"neurons must be (layer, neuron) pairs, a NeuronSet or a file path; got the item {item!r}"
-                ) from None
-            if not (_is_index(layer) and _is_index(neuron)):
-                raise InputError(f"a neuron is a pair of ints (layer, neuron), got {item!r}")
-            pairs.append((int(layer), int(neuron)))
-        return NeuronSet(tuple(pairs), stack=stack, d_mlp=None if d_mlp is None else int(d_mlp))
-    raise InputError(f"neurons must be a NeuronSet, (layer, neuron) pairs or a file path, got {type(neurons).__name__}")
 
 
 def _finite(value: Any, what: str) -> float:
@@ -255,8 +174,8 @@ class Steering:
 
     Args:
         neurons: a :class:`~nnsight_vla.neurons.NeuronSet`, explicit ``(layer, neuron)`` pairs, or the path of a
-            YAML/JSON neuron file (ours, or the authors' flat-index dictionaries: see :func:`load_neurons`,
-            with ``key=`` and ``d_mlp=``).
+            YAML/JSON neuron file (ours, or the authors' flat-index dictionaries with ``key=`` and ``d_mlp=``: see
+            :func:`~nnsight_vla.neurons.load_neurons`).
         alpha: the value written (overwrite) or added in units of ``scale`` (add). Must be finite.
         layers: restrict the set to a layer subset: ``"all"``, ``"early"`` (first half), ``"late"`` (second half),
             ``"first:K"``, ``"last:K"`` or a list of layers (see :func:`nnsight_vla.neurons.layer_subset`).
@@ -296,7 +215,7 @@ class Steering:
             raise InputError(f"unknown steering scope {scope!r}; use 'every' (every forward pass) or 'prefill'")
         if stack is not None and stack not in STACKS:
             raise InputError(f"unknown stack {stack!r}; use one of {STACKS}")
-        self.neurons: NeuronSet = _as_neuron_set(neurons, stack, key, d_mlp)
+        self.neurons: NeuronSet = as_neuron_set(neurons, stack, key, d_mlp)
         if not self.neurons.pairs:
             raise InputError(f"neuron set {self.neurons.name!r} is empty: there is nothing to steer")
         self.stack: str = self.neurons.stack
@@ -626,5 +545,6 @@ def _tl_hooks(steerings: Sequence[Steering], model: Any) -> list[tuple[str, Call
 __all__ = [
     "AppliedSteering", "MAX_ABS_ALPHA", "MODES", "PROMPT_TEMPLATE", "SCOPES", "Steering", "SteeringGroup",
     "forward_count",
-    "load_neurons", "export_neurons", "pinned_activations", "prompt_baseline", "steering_from_dict",
+    "load_neurons", "export_neurons",  # neuron files (defined in neurons.py), where steering users look for them
+    "pinned_activations", "prompt_baseline", "steering_from_dict",
 ]

@@ -377,7 +377,8 @@ def parse_condition(spec: str, d_mlp: int | None = None) -> list[Condition]:
 
 def _steer_condition(match: re.Match, d_mlp: int | None) -> Condition:
     from ..scale import ActivationScale
-    from ..steering import Steering, load_neurons
+    from ..neurons import load_neurons
+    from ..steering import Steering
 
     kind, file, key = match["kind"], match["file"], match["key"]
     try:

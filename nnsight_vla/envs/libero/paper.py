@@ -69,7 +69,7 @@ def concept_sets_from_file(path: str, keys: Sequence[str], d_mlp: int,
                            num_layers: int) -> dict[tuple[str, int], Any]:
     """{(key, size): NeuronSet} from the authors' ``dictionaries.yaml`` (flat index = layer x d_mlp + neuron)."""
     from ...neurons import NeuronSet
-    from ...steering import load_neurons
+    from ...neurons import load_neurons
 
     out = {}
     for key in keys:
