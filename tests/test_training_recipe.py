@@ -121,3 +121,49 @@ def test_phase2_from_a_saved_base_equals_the_whole_run(tmp_path):
     assert resumed["final"]["digests"] == whole["final"]["digests"]
     assert [r for r in resumed["records"] if r.get("phase") == 0] == [r for r in whole["records"]
                                                                         if r.get("phase") == 0]
+
+
+def test_ordinary_demonstrations_keep_their_cache_key():
+    """Adding the recovery field left the ordinary plans' rendered cache valid: the key of the shipped run's
+    demonstrations is the one its training log recorded (demos_e4a0fc6ebd77.npz, seed 0, 360 episodes)."""
+    from nnsight_vla.training.demos import physical_plan, plan_demos
+    from nnsight_vla.training.train import _demo_cache_key
+
+    plans = plan_demos(360, seed=0, noise=0.3)
+    assert all("lift" not in physical_plan(p) for p in plans)
+    assert _demo_cache_key(plans, 64, 60) == "e4a0fc6ebd77"
+
+
+def test_recovery_plans_start_above_and_follow_the_ordinary_ones():
+    from nnsight_vla.training.demos import physical_plan, plan_demos, plan_recovery_demos
+    from nnsight_vla.training.train import _demo_cache_key
+
+    plans = plan_recovery_demos(30, seed=1, first_index=360, lift=(0.15, 0.5))
+    assert [p.index for p in plans] == list(range(360, 390))
+    assert all(0.15 <= p.lift <= 0.5 for p in plans) and len({p.lift for p in plans}) == 30
+    assert {(p.speed, p.height) for p in plans[:9]} == {(s, h) for s in ("slow", "medium", "fast")
+                                                         for h in ("low", "medium", "high")}
+    assert all("lift" in physical_plan(p) for p in plans)
+    assert _demo_cache_key(plans, 64, 60) != _demo_cache_key(plan_demos(30, seed=1), 64, 60)
+
+
+def test_the_expert_comes_down_from_a_lifted_start():
+    """A recovery episode starts ``lift`` above the ordinary start (measured by the scene, not the plan), the
+    expert's first commands go down, and it still reaches the target."""
+    pytest.importorskip("robosuite")
+    from nnsight_vla.envs.arm_scene import ArmScene, SceneConfig
+    from nnsight_vla.training.demos import _run_episode, plan_recovery_demos
+
+    plan = plan_recovery_demos(1, seed=0, lift=(0.3, 0.3001))[0]
+    scene = ArmScene(SceneConfig(image_size=64))
+    try:
+        usual = scene.reset(plan.scene_seed)["eef_pos"]
+        lifted = scene.reset(plan.scene_seed, lift=plan.lift)["eef_pos"]
+        assert lifted[2] - usual[2] == pytest.approx(plan.lift, abs=5e-3)
+        assert lifted[:2] == pytest.approx(usual[:2], abs=5e-3)
+        episode = _run_episode(scene, plan, max_steps=80)
+    finally:
+        scene.close()
+    assert (episode["actions"][:5, 2] < 0).all()
+    assert episode["eef"][0][2] == pytest.approx(lifted[2], abs=1e-6)
+    assert episode["success"]

@@ -30,6 +30,9 @@ def train(
                                 "the same dimension's token of a random other step (labels kept), so the model "
                                 "reads the arm's state from the image rather than from the previous dimension's "
                                 "true token; default 0")] = None,
+    recovery_episodes: Annotated[Optional[int], typer.Option(
+        min=0, help="phase 2: extra demonstrations that start 0.15-0.5 m above the usual start, so the expert "
+                    "first comes down (states a policy reaches when it overshoots); default 0")] = None,
     phase2_seed: Annotated[Optional[int], typer.Option(
         help="phase 2 draws from fresh random streams seeded with this (default: it continues phases 0-1b's), "
              "which lets a run start from a saved base (--from-base)")] = None,
@@ -45,7 +48,8 @@ def train(
     config = TrainConfig.quick(seed) if quick else TrainConfig(seed=seed)
     config.threads, config.workers = threads, workers
     for name, value in (("phase1_steps", phase1_steps), ("phase2_steps", phase2_steps), ("n_episodes", episodes),
-                        ("action_input_noise", action_input_noise), ("phase2_seed", phase2_seed)):
+                        ("action_input_noise", action_input_noise), ("recovery_episodes", recovery_episodes),
+                        ("phase2_seed", phase2_seed)):
         if value is not None:
             setattr(config, name, value)
     log = run(out, config, work=work, progress=progress_enabled(progress), records=progress, from_base=from_base)

@@ -37,6 +37,7 @@ class DemoPlan:
     height: str
     instruction: str
     noise: float  # std of the executed-action noise, relative to the speed (0: clean)
+    lift: float = 0.0  # metres above the scene's start height (recovery demonstrations)
 
 
 def plan_demos(n_episodes: int, seed: int = 0, noise: float = 0.3, noisy_fraction: float = 0.5) -> list[DemoPlan]:
@@ -55,9 +56,40 @@ def plan_demos(n_episodes: int, seed: int = 0, noise: float = 0.3, noisy_fractio
     return plans
 
 
+def plan_recovery_demos(n_episodes: int, seed: int = 0, first_index: int = 0, noise: float = 0.3,
+                        lift: tuple[float, float] = (0.15, 0.5), noisy_fraction: float = 0.5) -> list[DemoPlan]:
+    """Episodes that start ``lift`` (uniform range, metres) above the usual start, so the expert first comes
+    down to the transport height: states a policy reaches when it overshoots, which the ordinary demonstrations
+    (rising from near the table) never show. Same level cycle and phrasing as :func:`plan_demos`, own random
+    streams; indices from ``first_index`` (after the ordinary episodes)."""
+    plans = []
+    for k in range(int(n_episodes)):
+        i = int(first_index) + k
+        rng = np.random.default_rng([seed, i, 19])
+        speed = SPEED_LEVELS[k % 3]
+        height = HEIGHT_LEVELS[(k // 3) % 3]
+        scene_seed = int(rng.integers(2**31))
+        noisy = rng.random() < noisy_fraction
+        up = float(rng.uniform(*lift))
+        instr = task_instruction(np.random.default_rng([seed, i, 20]), speed, height)
+        plans.append(DemoPlan(index=i, scene_seed=scene_seed, speed=speed, height=height, instruction=instr.text,
+                              noise=float(noise) if noisy else 0.0, lift=up))
+    return plans
+
+
 def physical_plan(plan: DemoPlan) -> dict:
-    """What decides an episode's frames and actions (everything but the instruction's wording)."""
-    return {k: v for k, v in asdict(plan).items() if k != "instruction"}
+    """What decides an episode's frames and actions (everything but the instruction's wording). A zero ``lift``
+    is left out, so the rendered caches of plans made before the field existed stay valid."""
+    return {k: v for k, v in asdict(plan).items() if k != "instruction" and not (k == "lift" and v == 0.0)}
+
+
+def merge_demos(first: dict, second: dict) -> dict:
+    """Two demonstration sets as one; the second's episode numbers follow the first's."""
+    offset = len(first["episodes"])
+    merged = {k: np.concatenate([first[k], second[k]]) for k in first if k not in ("episodes", "episode")}
+    merged["episode"] = np.concatenate([first["episode"], second["episode"] + offset])
+    merged["episodes"] = list(first["episodes"]) + list(second["episodes"])
+    return merged
 
 
 def _run_episode(scene, plan: DemoPlan, max_steps: int) -> dict:
@@ -65,7 +97,7 @@ def _run_episode(scene, plan: DemoPlan, max_steps: int) -> dict:
 
     expert = ScriptedExpert(speed=SPEEDS[plan.speed], height=HEIGHTS[plan.height], hover=scene.config.hover)
     rng = np.random.default_rng([plan.scene_seed, 99])
-    obs = scene.reset(plan.scene_seed)
+    obs = scene.reset(plan.scene_seed, lift=plan.lift)
     images, actions, eef, target = [], [], [], []
     for _ in range(max_steps):
         action = expert(obs)

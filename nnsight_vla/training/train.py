@@ -58,6 +58,7 @@ class TrainConfig:
     text_batch: int = 32
     closed_loop_trials: int = 16  # unsteered episodes of the fine-tuned policy after training (closed_loop.py)
     action_input_noise: float = 0.0  # phase 2: chance that a teacher-forced input action token is another step's
+    recovery_episodes: int = 0  # phase 2 only: extra demonstrations that start high above the usual start
     phase2_seed: int | None = None  # None: phase 2 continues phases 0-1b's random streams; an int: fresh ones
     threads: int = 2
     workers: int = 2
@@ -72,8 +73,8 @@ class TrainConfig:
 
 #: the fields that act in phase 2 only: a run that differs from a saved one in these alone can start from its base
 PHASE2_FIELDS = ("phase2_steps", "phase2_batch", "phase2_lr", "lora_rank", "lora_alpha", "vqa_weight",
-                 "restrict_action_softmax", "action_input_noise", "phase2_seed", "closed_loop_trials", "threads",
-                 "workers")
+                 "restrict_action_softmax", "action_input_noise", "recovery_episodes", "phase2_seed",
+                 "closed_loop_trials", "threads", "workers")
 
 
 def seed_everything(seed: int, threads: int) -> None:
@@ -126,13 +127,15 @@ def weights_digest(folder: Path) -> str:
 
 
 def demonstrations(config: TrainConfig, image_size: int, work: str | os.PathLike | None = None,
-                   progress: bool = True) -> tuple[list, dict, Path]:
-    """(plans, demos, cache file) of a training run: rendered once per physical plan and cached in ``work``
-    (the instructions' wording is re-attached from the plans, so rephrasing keeps the cache)."""
+                   progress: bool = True, plans: list | None = None) -> tuple[list, dict, Path]:
+    """(plans, demos, cache file) of a training run (``plans``: default, the run's ordinary episodes): rendered
+    once per physical plan and cached in ``work`` (the instructions' wording is re-attached from the plans, so
+    rephrasing keeps the cache)."""
     from .demos import collect_demos, load_demos, plan_demos, save_demos
 
     work = Path(work) if work is not None else default_work_dir()
-    plans = plan_demos(config.n_episodes, seed=config.seed, noise=config.demo_noise)
+    if plans is None:
+        plans = plan_demos(config.n_episodes, seed=config.seed, noise=config.demo_noise)
     cache = work / f"demos_{_demo_cache_key(plans, image_size, config.max_demo_steps)}.npz"
     if cache.is_file():
         demos = load_demos(cache)
@@ -304,8 +307,20 @@ def train(out: str | os.PathLike, config: TrainConfig, work: str | os.PathLike |
         action_seed = [config.phase2_seed, 0]
         text.rng = np.random.default_rng([config.phase2_seed, 1])
         vqa_train.reseed([config.phase2_seed, 2])
-    data = ActionBatches(vla, demos, stats, episodes=train_eps, seed=action_seed, max_shift=config.image_shift,
-                         input_noise=config.action_input_noise)
+    action_demos, action_eps = demos, train_eps
+    if config.recovery_episodes:  # phase 2 only: phases 0-1b, the statistics and the val episodes stay as they are
+        from .demos import merge_demos, plan_recovery_demos
+
+        recovery_plans = plan_recovery_demos(config.recovery_episodes, seed=config.seed, first_index=len(plans),
+                                             noise=config.demo_noise)
+        _, recovery, recovery_cache = demonstrations(config, dims.image_size, work, progress, plans=recovery_plans)
+        log["demos"]["recovery"] = {"episodes": len(recovery_plans), "steps": int(len(recovery["actions"])),
+                                    "expert_success": float(np.mean([e["success"] for e in recovery["episodes"]])),
+                                    "cache": str(recovery_cache)}
+        action_demos = merge_demos(demos, recovery)
+        action_eps = np.concatenate([train_eps, len(plans) + np.arange(len(recovery_plans))])
+    data = ActionBatches(vla, action_demos, stats, episodes=action_eps, seed=action_seed,
+                         max_shift=config.image_shift, input_noise=config.action_input_noise)
     val = ActionBatches(vla, demos, stats, episodes=val_eps, seed=config.seed) if len(val_eps) else None
     t0 = time.perf_counter()
     peft_model = attach_lora(model, vla.action_token_ids, LoraSettings(config.lora_rank, config.lora_alpha))

@@ -200,9 +200,13 @@ class ArmScene:
         z0 = self.table_z + rng.uniform(*c.start_height)
         return EpisodeSpec(start=(c.x, float(y0), float(z0)), target_y=float(yt), seed=int(seed))
 
-    def reset(self, seed: int) -> dict:
-        """Start episode ``seed``: target placed, gripper teleported (by inverse kinematics) to the start."""
+    def reset(self, seed: int, lift: float = 0.0) -> dict:
+        """Start episode ``seed``: target placed, gripper teleported (by inverse kinematics) to the start, raised
+        by ``lift`` metres (recovery demonstrations start above the states a task usually visits)."""
         spec = self.sample(seed)
+        if lift:
+            x, y, z = spec.start
+            spec = EpisodeSpec(start=(x, y, z + float(lift)), target_y=spec.target_y, seed=spec.seed)
         env = self.env
         env.reset()
         # robosuite's soft reset keeps the gripper's smoothed command (``current_action``) from the last episode;
