@@ -119,6 +119,7 @@ def test_phase2_from_a_saved_base_equals_the_whole_run(tmp_path):
                     from_base=tmp_path / "whole")
     assert resumed["from_base"]["digest"] == whole["final"]["digests"]["base"]
     assert resumed["final"]["digests"] == whole["final"]["digests"]
+    assert resumed["manner_accuracy"] == whole["manner_accuracy"]  # measured on the base, not on fresh weights
     assert [r for r in resumed["records"] if r.get("phase") == 0] == [r for r in whole["records"]
                                                                         if r.get("phase") == 0]
 

@@ -293,16 +293,16 @@ def train(out: str | os.PathLike, config: TrainConfig, work: str | os.PathLike |
         for key in ("phase0_s", "phase1_s", "phase1b_s"):
             log["timings"][key] = saved["timings"][key]
 
+    if config.phase2_seed is not None:
+        # phase 2 then depends on the saved base and the config only: it starts from the checkpoint as written
+        # (the save drops the trained class-token position row, which the published layout does not have)
+        _load_base_weights(model, base_dir)
     log["manner_accuracy"] = {"base": manner_accuracy(model.language_model, tokenizer, seed=config.seed)}
     record({"phase": "1b", "manner_accuracy": log["manner_accuracy"]["base"]})
 
     # 6. phase 2: actions (+ language): LoRA on the Llama, action-token rows, vision and projector in full
     action_seed = config.seed
-    if config.phase2_seed is not None:
-        # phase 2 then depends on the saved base and the config only: it starts from the checkpoint as written
-        # (the save drops the trained class-token position row, which the published layout does not have) and
-        # draws from fresh random streams
-        _load_base_weights(model, base_dir)
+    if config.phase2_seed is not None:  # fresh random streams
         torch.manual_seed(config.phase2_seed)
         action_seed = [config.phase2_seed, 0]
         text.rng = np.random.default_rng([config.phase2_seed, 1])
@@ -339,7 +339,7 @@ def train(out: str | os.PathLike, config: TrainConfig, work: str | os.PathLike |
     tuned_dir = out / FINETUNED_NAME
     vla.save_pretrained(tuned_dir)
 
-    # 6. reload through the real loader and check
+    # 7. reload through the real loader and check
     final = {"text_eval_loss": evaluate_lm(model.language_model, *text_eval)}
     if val is not None:
         final["val"] = {**evaluate_actions(model, val), **direction_accuracy(model, val, SCENE_KEY),
