@@ -176,6 +176,7 @@ class ResultsStore:
             if old is not None and old != cdict:
                 problems.extend(f"condition {cdict['name']!r}: " + d for d in _diff(old, cdict))
         return problems
+
     def check_usable(self) -> None:
         """Raise unless the folder can be written and is new, empty, or already an nnsight-vla results folder."""
         self._check_writable()
